@@ -1,0 +1,97 @@
+"""Fine-tune an open LLM for Text-to-SQL with QLoRA, and report what it gained (Spider EX) and what it cost (MMLU).
+
+    python main.py                       # every stage, with the constants below
+    python main.py --demo                # the bundled demo data and SmolLM2-135M-Instruct, minutes on a CPU
+    python main.py --stages preprocess,train --sample-size-train 500
+    python main.py --help
+
+Constants below are the defaults; `.env` (see .env.example) overrides them, and flags override both.
+Each stage's result is saved under results/; a rerun with the same inputs skips it, an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+# --- config --------------------------------------------------------------------------------------------
+BASE_MODEL_ID = "openlm-research/open_llama_3b_v2"  # Hub id, local folder or .gguf file
+SAMPLE_SIZE_EVAL = 200  # Spider dev examples (seeded subset); None = all
+SAMPLE_SIZE_TRAIN = 2000  # Spider train examples (seeded subset); None = all
+TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training.py
+    {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
+    {"learning_rate": 1e-4, "num_train_epochs": 2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
+]
+MMLU_PER_SUBJECT = 10  # questions per subject (57 subjects); None = all 14,042
+MMLU_K_SHOT = 5
+EVAL_BATCH_SIZE = 16
+MAX_NEW_TOKENS = 160
+SQL_TIMEOUT_S = 30.0  # per query, enforced inside SQLite
+SCHEMA_SAMPLE_ROWS = 0  # sample rows per table in the prompt's schema
+QUANTIZATION = "auto"  # auto: 4-bit NF4 on CUDA, plain float32 LoRA on CPU; or "4bit" / "none"
+SEED = 0
+# --------------------------------------------------------------------------------------------------------
+
+from scripts import evaluate, mmlu, pre_proc, regression, report, spider_data, training  # noqa: E402
+from scripts.errors import UserError  # noqa: E402
+from scripts.run_state import StageCache  # noqa: E402
+from scripts.settings import Settings, parse_args, resolve_settings  # noqa: E402
+from scripts.store import ResultsStore  # noqa: E402
+
+log = logging.getLogger("main")
+
+
+def config_defaults() -> dict:
+    """The constants above, as settings."""
+    return {
+        "base_model_id": BASE_MODEL_ID,
+        "sample_size_eval": SAMPLE_SIZE_EVAL,
+        "sample_size_train": SAMPLE_SIZE_TRAIN,
+        "training_configs": TRAINING_CONFIGS,
+        "mmlu_per_subject": MMLU_PER_SUBJECT,
+        "mmlu_k_shot": MMLU_K_SHOT,
+        "eval_batch_size": EVAL_BATCH_SIZE,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "sql_timeout_s": SQL_TIMEOUT_S,
+        "schema_sample_rows": SCHEMA_SAMPLE_ROWS,
+        "quantization": QUANTIZATION,
+        "seed": SEED,
+    }
+
+
+def run(s: Settings) -> dict:
+    """The whole pipeline, stage by stage; a stage left out of --stages reuses its saved result if any."""
+    cache = StageCache(s.results_dir / "stages", force=s.force)
+    training.validate_training_configs(s.training_configs)
+    models = evaluate.ModelCache(s)
+    with ResultsStore(s.db_path) as store:
+        layout = spider_data.prepare_stage(s)  # 1. unpack and validate Spider
+        dev = evaluate.dev_examples(s, layout)
+        baseline_ex = evaluate.ex_stage("baseline_ex", "baseline_ex", s, cache, store, models, layout, dev)  # 2. baseline EX
+        baseline_mmlu = mmlu.mmlu_stage("baseline_mmlu", s, cache, store, models)  # 2. baseline MMLU
+        train_set = pre_proc.preprocess_stage(s, cache, layout, models)  # 3. train set in chat format
+        adapters = training.train_stage(s, train_set)  # 4. one QLoRA run per config
+        tuned_ex = evaluate.adapters_stage(s, cache, store, models, layout, dev, adapters)  # 5. EX per adapter
+        best = evaluate.best_adapter(tuned_ex)
+        tuned_mmlu = mmlu.mmlu_stage("mmlu_best", s, cache, store, models, adapter=best)  # 6. MMLU of the best
+        analysis = regression.regression_stage(s, cache, baseline_mmlu, tuned_mmlu)  # 6. regression analysis
+        return report.report_stage(s, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu, analysis)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: settings, logging, run; a user error is one clear line and exit status 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        settings = resolve_settings(config_defaults(), parse_args(argv))
+        log.info("settings: %s", settings.public())
+        run(settings)
+    except UserError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.warning("interrupted: finished stages and generated answers are saved; rerun the same command to resume")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

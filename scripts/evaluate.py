@@ -1,0 +1,326 @@
+"""Stages 2 and 5: generate SQL for Spider dev questions, extract it from the model's text, score execution accuracy."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from custom_metrics.execution_accuracy import execution_accuracy
+from scripts.prompts import render
+from scripts.spider_data import SpiderLayout, schema_text
+
+log = logging.getLogger(__name__)
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
+_SQL_START = re.compile(r"\b(SELECT|WITH)\b", re.IGNORECASE)
+_PROSE_BREAK = re.compile(r"\n\s*\n|\n\s*(?:###|```|Explanation|Note|This query|The query|Answer)", re.IGNORECASE)
+
+
+def extract_sql(text: str) -> str:
+    """The first SQL statement in a model's answer (code fences, prose around it, several statements, `;`)."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
+    candidates = [body for lang, body in blocks if lang == "sql"] + [body for lang, body in blocks if lang != "sql"]
+    for candidate in candidates + [text]:
+        sql = _first_statement(candidate)
+        if sql:
+            return sql
+    return ""
+
+
+def _first_statement(text: str) -> str:
+    """From the first SELECT/WITH up to the end of the statement (a `;` outside quotes, or prose after it)."""
+    start = _SQL_START.search(text)
+    if not start:
+        return ""
+    body = text[start.start():]
+    body = body[: _statement_end(body)]
+    prose = _PROSE_BREAK.search(body)
+    if prose:
+        body = body[: prose.start()]
+    return _one_line(body)
+
+
+def _one_line(sql: str) -> str:
+    """Whitespace outside quoted strings collapsed to single spaces (values keep theirs)."""
+    parts = re.split(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""", sql)
+    return "".join(part if i % 2 else re.sub(r"\s+", " ", part) for i, part in enumerate(parts)).strip()
+
+
+def _statement_end(sql: str) -> int:
+    """Index of the first `;` that is not inside a quoted string (or the end)."""
+    quote = None
+    for i, char in enumerate(sql):
+        if quote:
+            if char == quote:
+                quote = None
+        elif char in "'\"`":
+            quote = char
+        elif char == ";":
+            return i
+    return len(sql)
+
+
+def build_prompts(tokenizer, examples: Sequence[dict], layout: SpiderLayout, sample_rows: int = 0) -> list[str]:
+    """The inference prompt of each example: exactly the training prompt up to the answer."""
+    prompts = []
+    for example in examples:
+        db_path = layout.db_path(example["db_id"])
+        schema = schema_text(db_path, sample_rows) if db_path else ""
+        prompt, _ = render(tokenizer, schema, example["question"])
+        prompts.append(prompt)
+    return prompts
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer: eos plus the chat template's end-of-turn token when it has one."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    _, completion = render(tokenizer, "", "q", answer="SELECT 1")
+    tail = completion.split("SELECT 1", 1)[-1].strip()
+    if tail:
+        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        if len(tail_ids) == 1:
+            ids.add(tail_ids[0])
+    return sorted(ids)
+
+
+def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
+    """Indices of the prompts grouped into batches of similar token length (longest first)."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 160,
+    done: Callable[[list[int], list[str], float], None] | None = None,
+    skip: Iterable[int] = (),
+) -> list[str | None]:
+    """Greedy answers for the prompts, batched with left padding; `done(indices, texts, seconds)` after each batch."""
+    tokenizer.padding_side = "left"
+    skip = set(skip)
+    todo = [i for i in range(len(prompts)) if i not in skip]
+    outputs: list[str | None] = [None] * len(prompts)
+    eos = stop_token_ids(tokenizer)
+    batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
+    for batch in tqdm(batches, desc="generating SQL", unit="batch"):
+        indices = [todo[i] for i in batch]
+        start = time.perf_counter()
+        enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, text in zip(indices, texts):
+            outputs[i] = text
+        if done:
+            done(indices, texts, time.perf_counter() - start)
+    return outputs
+
+
+def score(
+    examples: Sequence[dict], sqls: Sequence[str], layout: SpiderLayout, *, timeout: float = 30.0
+) -> dict:
+    """Execution accuracy of the extracted SQL against the gold queries (overall, by hardness, error classes)."""
+    return execution_accuracy(
+        list(sqls),
+        [e["query"] for e in examples],
+        [e["db_id"] for e in examples],
+        str(layout.database_dir),
+        timeout=timeout,
+        table_file=str(layout.tables_file) if layout.tables_file else None,
+    )
+
+
+def evaluate_text_to_sql(
+    model,
+    tokenizer,
+    examples: Sequence[dict],
+    layout: SpiderLayout,
+    *,
+    store=None,
+    run_id: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 160,
+    sample_rows: int = 0,
+    timeout: float = 30.0,
+) -> dict:
+    """Generate, extract and score; every answer goes to the store as soon as its batch is done (resumable)."""
+    prompts = build_prompts(tokenizer, examples, layout, sample_rows)
+    previous = {row["example_key"]: row for row in store.sql_rows(run_id)} if store else {}
+    keys = [example_key(e) for e in examples]
+    raw: list[str | None] = [previous[k]["raw_output"] if k in previous else None for k in keys]
+    latency: list[float | None] = [previous[k]["latency_s"] if k in previous else None for k in keys]
+    if previous:
+        log.info("resuming: %d of %d answers already in the store", sum(r is not None for r in raw), len(raw))
+
+    def save(indices: list[int], texts: list[str], seconds: float) -> None:
+        for i, text in zip(indices, texts):
+            raw[i], latency[i] = text, seconds / len(indices)
+        if store:
+            store.add_sql(run_id, [_row(examples[i], keys[i], raw[i], latency[i]) for i in indices])
+
+    generate(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        done=save,
+        skip=[i for i, r in enumerate(raw) if r is not None],
+    )
+    sqls = [extract_sql(text or "") for text in raw]
+    summary = score(examples, sqls, layout, timeout=timeout)
+    if store:
+        rows = []
+        for example, key, text, sql, seconds, result in zip(examples, keys, raw, sqls, latency, summary["per_example"]):
+            rows.append(_row(example, key, text, seconds, sql=sql, result=result))
+        store.add_sql(run_id, rows)
+    return summary
+
+
+def example_key(example: dict) -> str:
+    """A stable key of a Spider example (db_id and question)."""
+    return f"{example['db_id']}::{example['question']}"
+
+
+def _row(example: dict, key: str, raw: str | None, latency: float | None, *, sql=None, result=None) -> dict:
+    """One row for the results store."""
+    return {
+        "example_key": key,
+        "db_id": example["db_id"],
+        "question": example["question"],
+        "gold_sql": example["query"],
+        "raw_output": raw,
+        "extracted_sql": sql,
+        "correct": None if result is None else result["correct"],
+        "error": None if result is None else result["error"],
+        "hardness": None if result is None else result["hardness"],
+        "latency_s": latency,
+    }
+
+
+def save_predictions(path: Path, sqls: Sequence[str]) -> None:
+    """One SQL per line, the official evaluator's --pred format."""
+    path.write_text("".join(_one_line(sql).replace("\n", " ") + "\n" for sql in sqls))
+
+
+class ModelCache:
+    """Keeps the last loaded model, so the baseline EX and MMLU stages share one load of the base model."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self._key: str | None = None
+        self._loaded = None
+
+    def get(self, adapter: str | None = None):
+        """(model, tokenizer) for the base model, or the base model with this adapter."""
+        key = adapter or ""
+        if self._key != key:
+            from scripts.models import load_model_and_tokenizer
+
+            self._loaded = None  # free the previous model before loading the next one
+            self._loaded = load_model_and_tokenizer(
+                self.settings.base_model_id,
+                adapter=adapter,
+                quantization=self.settings.quantization,
+                token=self.settings.hf_token,
+            )
+            self._key = key
+        return self._loaded
+
+
+def dev_examples(settings, layout: SpiderLayout) -> list[dict]:
+    """The Spider dev examples to evaluate (seeded subset), also written to PATH_TASK_EVAL_DATASET."""
+    from scripts.spider_data import load_split, missing_databases, sample_examples
+
+    examples = sample_examples(load_split(layout, "dev"), settings.sample_size_eval, settings.seed)
+    missing = missing_databases(layout, examples)
+    if missing:
+        log.warning(
+            "%d of %d dev examples have no database and are excluded from EX: %s",
+            sum(missing.values()), len(examples), dict(missing),
+        )
+    path = settings.path_task_eval_dataset
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({k: e[k] for k in ("db_id", "question", "query")}) + "\n" for e in examples))
+    return examples
+
+
+def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, layout: SpiderLayout, examples, adapter=None):
+    """Stage 2 or 5: execution accuracy of the base model or of one adapter, saved as `name` and resumable."""
+    key = _ex_key(settings, examples, adapter)
+    if stage not in settings.stages:
+        return cache.load(name, key)
+
+    def compute() -> dict:
+        model, tokenizer = models.get(adapter)
+        run_id = store.start_run(
+            kind=name,
+            model=settings.base_model_id,
+            adapter=adapter,
+            config={"max_new_tokens": settings.max_new_tokens, "schema_sample_rows": settings.schema_sample_rows},
+            data_fingerprint=key,
+        )
+        log.info("%s: generating SQL for %d dev examples", name, len(examples))
+        start = time.perf_counter()
+        summary = evaluate_text_to_sql(
+            model, tokenizer, examples, layout,
+            store=store, run_id=run_id,
+            batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens,
+            sample_rows=settings.schema_sample_rows, timeout=settings.sql_timeout_s,
+        )
+        summary.pop("per_example", None)
+        summary.update(run_id=run_id, adapter=adapter, seconds=round(time.perf_counter() - start, 1))
+        log.info("%s: EX %.1f%% on %d examples (%s)", name, 100 * summary["ex"], summary["count"], summary["by_hardness"])
+        return summary
+
+    return cache.run(name, key, compute)
+
+
+def adapters_stage(settings, cache, store, models: ModelCache, layout: SpiderLayout, examples, adapters: dict) -> dict:
+    """Stage 5: execution accuracy of every trained adapter."""
+    results = {}
+    for run_name, run in adapters.items():
+        result = ex_stage("eval_adapters", f"ex_{run_name}", settings, cache, store, models, layout, examples, adapter=run["adapter_dir"])
+        if result is not None:
+            results[run_name] = result
+    return results
+
+
+def best_adapter(tuned: dict) -> str | None:
+    """The adapter directory with the highest dev EX (the first on a tie), or None without any."""
+    if not tuned:
+        return None
+    best = max(tuned, key=lambda name: tuned[name]["ex"])
+    return tuned[best]["adapter"]
+
+
+def _ex_key(settings, examples, adapter) -> str:
+    """What an EX result depends on."""
+    from scripts.run_state import fingerprint
+
+    adapter_stamp = None
+    if adapter:
+        weights = sorted(Path(adapter).glob("adapter_model*"))
+        adapter_stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
+    return fingerprint(
+        settings.base_model_id, adapter, adapter_stamp, [example_key(e) for e in examples],
+        settings.max_new_tokens, settings.schema_sample_rows, settings.sql_timeout_s,
+    )

@@ -1,0 +1,55 @@
+"""Resumable stages: each stage's result is saved with the fingerprint of its inputs and reused when they match."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able inputs (paths and other objects by their str)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class StageCache:
+    """results/stages/<name>.json holds {"fingerprint", "result"}; a matching fingerprint skips the stage."""
+
+    def __init__(self, folder: Path, force: bool = False) -> None:
+        self.folder = folder
+        self.force = force
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        """Where a stage's result lives."""
+        return self.folder / f"{name}.json"
+
+    def load(self, name: str, key: str) -> Any | None:
+        """The saved result of a stage for these inputs, or None."""
+        path = self.path(name)
+        if self.force or not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        return saved["result"] if saved.get("fingerprint") == key else None
+
+    def save(self, name: str, key: str, result: Any) -> None:
+        """Write atomically, so an interrupted write never leaves a half file."""
+        tmp = self.path(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": key, "result": result}, indent=1, default=str))
+        os.replace(tmp, self.path(name))
+
+    def run(self, name: str, key: str, compute: Callable[[], Any]) -> Any:
+        """The saved result when its inputs match, else compute, save and return it."""
+        cached = self.load(name, key)
+        if cached is not None:
+            log.info("stage %s: reusing the result saved for the same inputs (%s)", name, self.path(name))
+            return cached
+        result = compute()
+        self.save(name, key, result)
+        return result
