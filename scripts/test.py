@@ -1,0 +1,80 @@
+"""The user's post-run check: `pytest scripts/test.py` after `python main.py` (reads results/ and the store).
+
+Thresholds come from the environment (or .env): MIN_EX (default 0.0), MAX_MMLU_DROP in points (default 2.0),
+LIVE_SAMPLE (default 8 dev examples regenerated live), LIVE_MIN_AGREEMENT (default 0.75). RESULTS_DIR and
+DB_PATH point at another run. Not part of CI: it checks a real run's outputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from dotenv import load_dotenv
+
+load_dotenv(".env")
+RESULTS_DIR = Path(os.environ.get("RESULTS_DIR", "results"))
+DB_PATH = Path(os.environ.get("DB_PATH", RESULTS_DIR / "results.sqlite"))
+MIN_EX = float(os.environ.get("MIN_EX", "0.0"))
+MAX_MMLU_DROP = float(os.environ.get("MAX_MMLU_DROP", "2.0"))
+LIVE_SAMPLE = int(os.environ.get("LIVE_SAMPLE", "8"))
+LIVE_MIN_AGREEMENT = float(os.environ.get("LIVE_MIN_AGREEMENT", "0.75"))
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    """results/results.json of the last run, or skip with the reason."""
+    path = RESULTS_DIR / "results.json"
+    if not path.exists():
+        pytest.skip(f"no run found: {path} does not exist; run `python main.py` (or `python main.py --demo`) first")
+    data = json.loads(path.read_text())
+    if not data.get("best_adapter"):
+        pytest.skip(f"{path} has no trained adapter yet; run the train and eval_adapters stages")
+    return data
+
+
+def best_run(results: dict) -> dict:
+    """The run whose adapter was chosen as best."""
+    return next(r for r in results["runs"].values() if r["adapter_dir"] == results["best_adapter"])
+
+
+def test_best_adapter_beats_the_baseline(results: dict) -> None:
+    base, best = results["baseline"]["ex"]["ex"], best_run(results)["ex"]["ex"]
+    assert best > base, f"fine-tuned EX {best:.3f} is not above the baseline's {base:.3f}"
+
+
+def test_best_adapter_reaches_min_ex(results: dict) -> None:
+    best = best_run(results)["ex"]["ex"]
+    assert best >= MIN_EX, f"fine-tuned EX {best:.3f} is under MIN_EX={MIN_EX}"
+
+
+def test_mmlu_drop_is_bounded(results: dict) -> None:
+    base, tuned = results["baseline"]["mmlu"], results["best_mmlu"]
+    if not base or not tuned:
+        pytest.skip("MMLU stages were not run")
+    drop = 100 * (base["accuracy"] - tuned["accuracy"])
+    assert drop <= MAX_MMLU_DROP, f"MMLU fell {drop:.1f} points (> MAX_MMLU_DROP={MAX_MMLU_DROP}); {results['regression']}"
+
+
+def test_store_holds_every_answer(results: dict) -> None:
+    if not DB_PATH.exists():
+        pytest.skip(f"no results store at {DB_PATH}")
+    from scripts.store import ResultsStore
+
+    evaluated = len(Path(results["settings"]["path_task_eval_dataset"]).read_text().splitlines())
+    with ResultsStore(DB_PATH) as store:
+        for name in ("baseline", "best"):
+            ex = results["baseline"]["ex"] if name == "baseline" else best_run(results)["ex"]
+            rows = store.sql_rows(ex["run_id"])
+            assert len(rows) == evaluated, f"{name}: {len(rows)} stored answers for {evaluated} evaluated examples"
+            assert all(r["raw_output"] is not None for r in rows), f"{name}: answers without raw model output"
+
+
+def test_live_regeneration_matches_store_and_references(results: dict) -> None:
+    """Load the best adapter, regenerate SQL for a sample, compare with what was stored and with the gold."""
+    from scripts.evaluate import evaluate_sample_live
+
+    outcome = evaluate_sample_live(results, DB_PATH, LIVE_SAMPLE)
+    assert outcome["agreement"] >= LIVE_MIN_AGREEMENT, f"live SQL differs from the stored SQL: {outcome}"
+    assert outcome["live_correct"] >= outcome["stored_correct"] - 1, f"live answers are worse than stored: {outcome}"
