@@ -324,3 +324,34 @@ def _ex_key(settings, examples, adapter) -> str:
         settings.base_model_id, adapter, adapter_stamp, [example_key(e) for e in examples],
         settings.max_new_tokens, settings.schema_sample_rows, settings.sql_timeout_s,
     )
+
+
+def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
+    """Reload the best adapter, regenerate SQL for n stored dev examples; agreement with the store and EX of both."""
+    import os
+    import random
+
+    from scripts.models import load_model_and_tokenizer
+    from scripts.spider_data import prepare_spider
+    from scripts.store import ResultsStore
+
+    s = results["settings"]
+    best = next(r for r in results["runs"].values() if r["adapter_dir"] == results["best_adapter"])
+    with ResultsStore(db_path) as store:
+        stored = [r for r in store.sql_rows(best["ex"]["run_id"]) if r["correct"] is not None]
+    sample = random.Random(s["seed"]).sample(stored, min(n, len(stored)))
+    examples = [{"db_id": r["db_id"], "question": r["question"], "query": r["gold_sql"]} for r in sample]
+    layout = prepare_spider(Path(s["spider_zip"]), Path(s["data_dir"]))
+    model, tokenizer = load_model_and_tokenizer(
+        s["base_model_id"], adapter=results["best_adapter"], quantization=s["quantization"], token=os.environ.get("HF_TOKEN")
+    )
+    prompts = build_prompts(tokenizer, examples, layout, s["schema_sample_rows"])
+    texts = generate(model, tokenizer, prompts, batch_size=s["eval_batch_size"], max_new_tokens=s["max_new_tokens"])
+    sqls = [extract_sql(t or "") for t in texts]
+    live = score(examples, sqls, layout, timeout=s["sql_timeout_s"])["per_example"]
+    return {
+        "n": len(sample),
+        "agreement": sum(a == r["extracted_sql"] for a, r in zip(sqls, sample)) / max(1, len(sample)),
+        "live_correct": sum(bool(r["correct"]) for r in live),
+        "stored_correct": sum(bool(r["correct"]) for r in sample),
+    }
