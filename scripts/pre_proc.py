@@ -1,0 +1,204 @@
+"""Stage 3: Spider train examples -> a prompt/completion dataset for SFT (schema text, sampling, length limits).
+
+Each row: `prompt` (exactly the inference prompt, scripts.prompts.render), `completion` (gold SQL + end of turn),
+`db_id`, `question`, `num_tokens` (prompt + completion, tokenized without added special tokens, as in training).
+A prompt over `max_length` tokens is first shortened (its sample rows dropped), else the example is skipped;
+examples whose database is missing take their schema from tables.json, or are skipped when it lacks them too.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from datasets import Dataset
+
+from scripts.errors import UserError
+from scripts.prompts import render
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 1024  # tokens, when no TRAINING_CONFIGS entry sets max_length
+SchemaFn = Callable[[Path, int], str]
+
+
+def sample_subset(examples: Sequence[dict], sample_size: int | None, seed: int) -> list[dict]:
+    """A seeded random subset of `sample_size` examples in their original order; None (or too large) = all."""
+    if sample_size is None or sample_size >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), sample_size))
+    return [examples[i] for i in keep]
+
+
+def _default_schema_fn() -> SchemaFn:
+    """scripts.spider_data.schema_text (imported late: the module is owned by stage 1)."""
+    from scripts.spider_data import schema_text
+
+    return schema_text
+
+
+@lru_cache(maxsize=4)
+def _tables_by_db(tables_file: str) -> dict[str, dict]:
+    """tables.json indexed by db_id."""
+    return {entry["db_id"]: entry for entry in json.loads(Path(tables_file).read_text())}
+
+
+def schema_from_tables_json(tables_file: Path | None, db_id: str) -> str | None:
+    """CREATE TABLE statements built from Spider's tables.json (no rows), or None when the db_id is not there."""
+    if tables_file is None or not Path(tables_file).exists():
+        return None
+    entry = _tables_by_db(str(tables_file)).get(db_id)
+    if entry is None:
+        return None
+    tables = entry["table_names_original"]
+    columns = entry["column_names_original"]
+    types = entry["column_types"]
+    primary = {i for key in entry.get("primary_keys", []) for i in (key if isinstance(key, list) else [key])}
+    statements = []
+    for t, table in enumerate(tables):
+        lines = [f"  {name} {types[i]}" + (" PRIMARY KEY" if i in primary else "")
+                 for i, (owner, name) in enumerate(columns) if owner == t]
+        for src, dst in entry.get("foreign_keys", []):
+            if columns[src][0] == t:
+                lines.append(f"  FOREIGN KEY ({columns[src][1]}) REFERENCES {tables[columns[dst][0]]}({columns[dst][1]})")
+        statements.append(f"CREATE TABLE {table} (\n" + ",\n".join(lines) + "\n);")
+    return "\n".join(statements)
+
+
+def count_tokens(tokenizer, prompt: str, completion: str) -> int:
+    """Tokens of prompt + completion as training sees them (no special tokens added by the tokenizer)."""
+    return len(tokenizer(prompt + completion, add_special_tokens=False)["input_ids"])
+
+
+def build_sft_dataset(
+    examples: Sequence[dict],
+    layout,
+    tokenizer,
+    *,
+    max_length: int,
+    sample_rows: int = 0,
+    sample_size: int | None = None,
+    seed: int = 0,
+    schema_fn: SchemaFn | None = None,
+) -> tuple[Dataset, dict]:
+    """(prompt/completion Dataset, stats) from Spider examples; long or schema-less examples shortened or skipped."""
+    schema_fn = schema_fn or _default_schema_fn()
+    chosen = sample_subset(examples, sample_size, seed)
+    stats = {"examples": len(examples), "sampled": len(chosen), "kept": 0, "shortened": 0, "skipped_too_long": 0,
+             "skipped_no_schema": 0, "schema_from_tables_json": 0, "max_tokens": 0, "mean_tokens": 0.0,
+             "max_length": max_length}
+    rows = []
+    for example in chosen:
+        row = _example_row(example, layout, tokenizer, max_length, sample_rows, schema_fn, stats)
+        if row is not None:
+            rows.append(row)
+    stats["kept"] = len(rows)
+    if rows:
+        stats["max_tokens"] = max(r["num_tokens"] for r in rows)
+        stats["mean_tokens"] = round(sum(r["num_tokens"] for r in rows) / len(rows), 1)
+    log.info(
+        "train set: %d of %d sampled examples kept (%d shortened, %d skipped over %d tokens, %d skipped without "
+        "schema, %d schemas from tables.json); tokens mean %.0f, max %d",
+        stats["kept"], stats["sampled"], stats["shortened"], stats["skipped_too_long"], max_length,
+        stats["skipped_no_schema"], stats["schema_from_tables_json"], stats["mean_tokens"], stats["max_tokens"],
+    )
+    columns = ("prompt", "completion", "db_id", "question", "num_tokens")
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in columns}), stats
+
+
+def _example_row(example, layout, tokenizer, max_length, sample_rows, schema_fn, stats) -> dict | None:
+    """One dataset row for an example, or None (counted in stats) when it has no schema or stays too long."""
+    db_path = layout.db_path(example["db_id"])
+    if db_path is None:
+        schema = schema_from_tables_json(getattr(layout, "tables_file", None), example["db_id"])
+        if schema is None:
+            stats["skipped_no_schema"] += 1
+            return None
+        stats["schema_from_tables_json"] += 1
+        attempts = [schema]
+    else:
+        attempts = [schema_fn(db_path, sample_rows)] + ([schema_fn(db_path, 0)] if sample_rows > 0 else [])
+    for i, schema in enumerate(attempts):
+        prompt, completion = render(tokenizer, schema, example["question"], answer=example["query"])
+        num_tokens = count_tokens(tokenizer, prompt, completion)
+        if num_tokens <= max_length:
+            stats["shortened"] += i > 0
+            return {"prompt": prompt, "completion": completion, "db_id": example["db_id"],
+                    "question": example["question"], "num_tokens": num_tokens}
+    stats["skipped_too_long"] += 1
+    return None
+
+
+def save_jsonl(dataset: Dataset, path: Path) -> Path:
+    """Write the dataset as JSON lines (one row per line), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        for row in dataset:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_jsonl(path: Path) -> Dataset:
+    """Read a dataset written by save_jsonl; a missing or malformed file is a UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"training data set {path} not found (PATH_FT_DATASET); run the 'preprocess' stage first")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {n} is not JSON ({e}); delete the file and rerun the 'preprocess' stage") from None
+        if not isinstance(row, dict) or not {"prompt", "completion"} <= set(row):
+            raise UserError(f"{path} line {n} lacks 'prompt'/'completion'; delete the file and rerun 'preprocess'")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"{path} holds no examples; rerun the 'preprocess' stage with a larger SAMPLE_SIZE_TRAIN")
+    return Dataset.from_list(rows)
+
+
+def preprocess_max_length(training_configs: list[dict]) -> int:
+    """The longest max_length any training run allows (each run drops what exceeds its own)."""
+    lengths = [c["max_length"] for c in training_configs if c.get("max_length")]
+    return max(lengths) if lengths else DEFAULT_MAX_LENGTH
+
+
+def preprocess_stage(settings, cache, layout, models) -> dict | None:
+    """Stage 3: build, log and save the train set; returns {"path", "fingerprint", "stats"} (resumable)."""
+    from scripts.run_state import fingerprint
+    from scripts.spider_data import load_split
+
+    max_length = preprocess_max_length(settings.training_configs)
+    examples = load_split(layout, "train")
+    key = fingerprint(
+        "preprocess", settings.base_model_id, [(e["db_id"], e["question"], e["query"]) for e in examples],
+        settings.sample_size_train, settings.seed, settings.schema_sample_rows, max_length, str(settings.path_ft_dataset),
+    )
+    if "preprocess" not in settings.stages:
+        return cache.load("preprocess", key)
+
+    def compute() -> dict:
+        _, tokenizer = models.get()
+        dataset, stats = build_sft_dataset(
+            examples, layout, tokenizer, max_length=max_length, sample_rows=settings.schema_sample_rows,
+            sample_size=settings.sample_size_train, seed=settings.seed,
+        )
+        if len(dataset) == 0:
+            raise UserError(f"no training example fits in max_length={max_length} tokens: raise max_length in "
+                            f"TRAINING_CONFIGS or lower SCHEMA_SAMPLE_ROWS ({stats})")
+        save_jsonl(dataset, settings.path_ft_dataset)
+        log.info("train set saved to %s", settings.path_ft_dataset)
+        return {"path": str(settings.path_ft_dataset), "fingerprint": key, "stats": stats}
+
+    result = cache.run("preprocess", key, compute)
+    if not Path(result["path"]).exists():  # saved stage result but the file was deleted: rebuild it
+        result = compute()
+        cache.save("preprocess", key, result)
+    return result
