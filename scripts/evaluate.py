@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from custom_metrics.execution_accuracy import execution_accuracy
-from scripts.prompts import render
+from scripts.prompts import end_of_turn, render
 from scripts.spider_data import SpiderLayout, schema_text
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,13 @@ def build_prompts(tokenizer, examples: Sequence[dict], layout: SpiderLayout, sam
 
 
 def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an answer: eos plus the chat template's end-of-turn token when it has one."""
+    """Token ids that end an answer: eos plus the chat template's end-of-turn token when it is one token."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    _, completion = render(tokenizer, "", "q", answer="SELECT 1")
-    tail = completion.split("SELECT 1", 1)[-1].strip()
-    if tail:
-        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-        if len(tail_ids) == 1:
-            ids.add(tail_ids[0])
+    marker = end_of_turn(tokenizer).strip()
+    if marker:
+        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(marker_ids) == 1:
+            ids.add(marker_ids[0])
     return sorted(ids)
 
 
