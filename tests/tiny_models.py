@@ -152,13 +152,17 @@ def tiny_mistral_config(tokenizer, **overrides) -> MistralConfig:
     return MistralConfig(**values)
 
 
-def build_tiny_model(tokenizer, arch: str = "llama", seed: int = 0):
-    """A random tiny causal LM (arch "llama" or "mistral") whose vocabulary matches the tokenizer."""
+def build_tiny_model(tokenizer, arch: str = "llama", seed: int = 0, **config_overrides):
+    """A random tiny causal LM (arch "llama" or "mistral") whose vocabulary matches the tokenizer.
+
+    With the default initializer_range (0.02) the frozen output head keeps logits near uniform, so a LoRA-only run
+    cannot lower the loss much; pass e.g. initializer_range=0.2 for tests that need a visible drop.
+    """
     torch.manual_seed(seed)
     if arch == "llama":
-        model = LlamaForCausalLM(tiny_llama_config(tokenizer))
+        model = LlamaForCausalLM(tiny_llama_config(tokenizer, **config_overrides))
     elif arch == "mistral":
-        model = MistralForCausalLM(tiny_mistral_config(tokenizer))
+        model = MistralForCausalLM(tiny_mistral_config(tokenizer, **config_overrides))
     else:
         raise ValueError(f"unknown arch {arch!r}; choose 'llama' or 'mistral'")
     model.generation_config.pad_token_id = tokenizer.pad_token_id

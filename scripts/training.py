@@ -1,0 +1,380 @@
+"""Stage 4: QLoRA supervised fine-tuning with TRL's SFTTrainer + PEFT LoRA, one run per TRAINING_CONFIGS entry.
+
+Each run writes results/<run-name>/:
+    adapter/            LoRA adapter + tokenizer (load with scripts.models.load_model_and_tokenizer(adapter=...))
+    config.json         the exact configuration used (all keys resolved, base model, data fingerprint)
+    training_log.json   loss per logged step, Trainer log history, summary (loss start->end, tokens/s, time, peak memory)
+    checkpoints/        Trainer checkpoints; an interrupted run resumes from the last one
+The run name is `<model>-<hash of model, resolved config and train data>`, so a rerun skips a completed run
+(unless force=True) and resumes an interrupted one.
+
+Loss is computed on the answer tokens only: rows are tokenized here exactly as at inference (prompt tokenized
+without added special tokens), prompt tokens get label -100, and the completion already ends with the template's
+end of turn (or eos), so nothing is appended (no double eos).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from scripts.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Allowed keys of a TRAINING_CONFIGS entry, with their defaults.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,  # AdamW peak learning rate
+    "num_train_epochs": 1.0,  # passes over the train set (ignored when max_steps > 0)
+    "max_steps": -1,  # optimizer steps; -1 = use num_train_epochs
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 4,  # effective batch = batch size x accumulation
+    "max_length": 1024,  # tokens per example; longer examples are dropped (and counted)
+    "warmup_ratio": 0.03,  # fraction of the steps with linear warm-up
+    "lr_scheduler_type": "cosine",
+    "seed": 0,  # default: SEED of main.py
+    "gradient_checkpointing": True,  # less memory, ~30% slower
+    "packing": False,  # pack several examples per sequence (TRL BFD packing)
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "logging_steps": 10,
+    "save_steps": 100,  # checkpoint every N steps (resume point)
+}
+_NUMBER, _INT, _BOOL, _STR = "a number", "an integer", "a boolean", "a string"
+_KEY_TYPES = {
+    "learning_rate": _NUMBER, "num_train_epochs": _NUMBER, "max_steps": _INT, "per_device_train_batch_size": _INT,
+    "gradient_accumulation_steps": _INT, "max_length": _INT, "warmup_ratio": _NUMBER, "lr_scheduler_type": _STR,
+    "seed": _INT, "gradient_checkpointing": _BOOL, "packing": _BOOL, "lora_r": _INT, "lora_alpha": _NUMBER,
+    "lora_dropout": _NUMBER, "logging_steps": _INT, "save_steps": _INT,
+}
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "learning_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "max_steps": (lambda v: v == -1 or v > 0, "-1 or > 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "max_length": (lambda v: v >= 16, ">= 16"),
+    "warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora_r": (lambda v: v >= 1, ">= 1"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "logging_steps": (lambda v: v >= 1, ">= 1"),
+    "save_steps": (lambda v: v >= 1, ">= 1"),
+    "seed": (lambda v: v >= 0, ">= 0"),
+}
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    """Whether a value has the key's type (bools are not numbers here)."""
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _STR:
+        return isinstance(value, str)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == _INT else isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def validate_training_configs(configs: Any, seed: int = 0) -> list[dict]:
+    """Check every TRAINING_CONFIGS entry (keys, types, ranges) before any model loads; return them with defaults."""
+    allowed = ", ".join(f"{k} ({_KEY_TYPES[k]}, default {v!r})" for k, v in TRAINING_DEFAULTS.items())
+    if not isinstance(configs, list) or not configs:
+        raise UserError("TRAINING_CONFIGS (main.py, .env or --training-configs) must be a non-empty list of dicts; "
+                        f"allowed keys: {allowed}")
+    resolved = []
+    for i, config in enumerate(configs):
+        where = f"TRAINING_CONFIGS[{i}]"
+        if not isinstance(config, dict):
+            raise UserError(f"{where} must be a dict of hyper-parameters, got {type(config).__name__}; allowed keys: {allowed}")
+        unknown = sorted(set(config) - set(TRAINING_DEFAULTS))
+        if unknown:
+            raise UserError(f"{where} has unknown key(s) {unknown}; allowed keys: {allowed}")
+        for key, value in config.items():
+            if not _type_ok(value, _KEY_TYPES[key]):
+                raise UserError(f"{where}[{key!r}] must be {_KEY_TYPES[key]}, got {value!r}; allowed keys: {allowed}")
+            check = _RANGES.get(key)
+            if check and not check[0](value):
+                raise UserError(f"{where}[{key!r}] must be {check[1]}, got {value!r}")
+        if config.get("lr_scheduler_type", "cosine") not in SCHEDULERS:
+            raise UserError(f"{where}['lr_scheduler_type'] must be one of {SCHEDULERS}, got {config['lr_scheduler_type']!r}")
+        resolved.append({**TRAINING_DEFAULTS, "seed": seed, **config})
+    return resolved
+
+
+def run_name(base_model_id: str, config: dict, data_fingerprint: str | None) -> str:
+    """`<model>-<10 hex>`: stable for the same base model, resolved config and train data."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(base_model_id).rstrip("/")).name).strip("-.").lower()[:40] or "model"
+    text = json.dumps([str(base_model_id), config, data_fingerprint], sort_keys=True)
+    return f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def tokenize_for_training(dataset, tokenizer, max_length: int):
+    """(Dataset of input_ids/labels, counts): prompt tokens as at inference with label -100, answer tokens trained."""
+    from datasets import Dataset
+
+    rows, counts = {"input_ids": [], "labels": []}, {"dropped_too_long": 0, "boundary_retokenized": 0}
+    for prompt, completion in zip(dataset["prompt"], dataset["completion"]):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        if ids[: len(prompt_ids)] != prompt_ids:  # tokens merged across the boundary: keep the inference prompt
+            ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"]
+            counts["boundary_retokenized"] += 1
+        if len(ids) > max_length:
+            counts["dropped_too_long"] += 1
+            continue
+        rows["input_ids"].append(ids)
+        rows["labels"].append([-100] * len(prompt_ids) + ids[len(prompt_ids):])
+    return Dataset.from_dict(rows), counts
+
+
+def peak_memory() -> tuple[float, str]:
+    """(GB, kind): CUDA peak allocated memory, else this process's peak resident memory."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9, "cuda_max_allocated"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e9, "cpu_max_rss"
+
+
+def _default_loader(model_id: str, **kwargs):
+    """scripts.models.load_model_and_tokenizer (imported late: another module owns it)."""
+    from scripts.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model_id, **kwargs)
+
+
+class QLoRATrainer:
+    """Runs LoRA/QLoRA SFT for each config into results/<run-name>/, skipping completed runs, resuming interrupted ones."""
+
+    def __init__(
+        self,
+        base_model_id: str,
+        results_dir: Path,
+        *,
+        quantization: str = "auto",
+        token: str | None = None,
+        force: bool = False,
+        loader: Callable | None = None,
+        callbacks: Sequence = (),
+    ) -> None:
+        self.base_model_id = base_model_id
+        self.results_dir = Path(results_dir)
+        self.quantization = quantization
+        self._token = token
+        self.force = force
+        self.loader = loader or _default_loader
+        self.callbacks = list(callbacks)
+
+    def run_dir(self, config: dict, data_fingerprint: str | None) -> Path:
+        """results/<run-name> for this config."""
+        return self.results_dir / run_name(self.base_model_id, config, data_fingerprint)
+
+    @staticmethod
+    def completed(run_dir: Path) -> dict | None:
+        """The saved result of a finished run (adapter and log present), else None."""
+        log_file = run_dir / "training_log.json"
+        if not log_file.exists() or not (run_dir / "adapter" / "adapter_config.json").exists():
+            return None
+        saved = json.loads(log_file.read_text())
+        return _result(run_dir, saved) if saved.get("completed") else None
+
+    def completed_runs(self, configs: list[dict], data_fingerprint: str | None) -> dict:
+        """{run name: result} of the configs already trained (nothing is trained)."""
+        found = {}
+        for config in configs:
+            result = self.completed(self.run_dir(config, data_fingerprint))
+            if result:
+                found[result["run_name"]] = result
+        return found
+
+    def train_all(self, configs: list[dict], dataset, data_fingerprint: str | None) -> dict:
+        """{run name: result} for every config, in order."""
+        results = {}
+        for i, config in enumerate(configs, 1):
+            log.info("training run %d/%d", i, len(configs))
+            result = self.train(config, dataset, data_fingerprint)
+            results[result["run_name"]] = result
+        return results
+
+    def train(self, config: dict, dataset, data_fingerprint: str | None = None) -> dict:
+        """One run (config already resolved by validate_training_configs): skip, resume or train from scratch."""
+        run_dir = self.run_dir(config, data_fingerprint)
+        done = self.completed(run_dir)
+        if done and not self.force:
+            log.info("run %s: already trained, skipping (force=True retrains)", run_dir.name)
+            return done
+        if self.force and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "config.json", {"base_model_id": self.base_model_id, "quantization": self.quantization,
+                                              "data_fingerprint": data_fingerprint, "training": config})
+        model, tokenizer = self.loader(self.base_model_id, quantization=self.quantization, token=self._token,
+                                       for_training=True)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token is None:  # base models: pad positions get label -100, so eos is a safe pad
+            tokenizer.pad_token = tokenizer.eos_token
+        train_data, counts = tokenize_for_training(dataset, tokenizer, config["max_length"])
+        if len(train_data) == 0:
+            raise UserError(f"run {run_dir.name}: no example fits in max_length={config['max_length']}; raise it in TRAINING_CONFIGS")
+        if counts["dropped_too_long"]:
+            log.warning("run %s: %d examples over max_length=%d tokens dropped", run_dir.name,
+                        counts["dropped_too_long"], config["max_length"])
+        return self._fit(run_dir, config, model, tokenizer, train_data, counts)
+
+    def _fit(self, run_dir: Path, config: dict, model, tokenizer, train_data, counts: dict) -> dict:
+        """SFTTrainer.train (resuming from the last checkpoint), then adapter, tokenizer and log to disk."""
+        import torch
+        from transformers.trainer_utils import get_last_checkpoint
+        from trl import SFTTrainer
+
+        checkpoints = run_dir / "checkpoints"
+        resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if resume:
+            log.info("run %s: resuming from %s", run_dir.name, resume)
+        session = _SessionStats()
+        trainer = SFTTrainer(
+            model=model,
+            args=_sft_config(config, checkpoints),
+            train_dataset=train_data,
+            processing_class=tokenizer,
+            peft_config=_lora_config(config),
+            callbacks=[session, *self.callbacks],
+        )
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume)
+        seconds = time.perf_counter() - start
+        adapter_dir = run_dir / "adapter"
+        trainer.model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        history = trainer.state.log_history
+        loss_curve = [[h["step"], h["loss"]] for h in history if "loss" in h]
+        memory_gb, memory_kind = peak_memory()
+        summary = {
+            "steps": trainer.state.global_step,
+            "examples": len(train_data),
+            "loss_start": loss_curve[0][1] if loss_curve else None,
+            "loss_end": loss_curve[-1][1] if loss_curve else None,
+            "train_seconds": round(seconds, 2),
+            "tokens_per_second": round(session.tokens(trainer.state) / seconds, 1) if seconds > 0 else None,
+            "tokens_trained": trainer.state.num_input_tokens_seen,
+            "peak_memory_gb": round(memory_gb, 3),
+            "peak_memory_kind": memory_kind,
+            "resumed_from": Path(resume).name if resume else None,
+            **counts,
+        }
+        saved = {"completed": True, "summary": summary, "loss_curve": loss_curve, "log_history": history}
+        _write_json(run_dir / "training_log.json", saved)
+        log.info(
+            "run %s: loss %s -> %s, %s tokens/s, %.0f s, peak memory %.2f GB (%s)%s", run_dir.name,
+            _fmt(summary["loss_start"]), _fmt(summary["loss_end"]), summary["tokens_per_second"], seconds, memory_gb,
+            memory_kind, f", resumed from {summary['resumed_from']}" if resume else "",
+        )
+        return _result(run_dir, saved)
+
+
+class _SessionStats(TrainerCallback):
+    """Trainer callback: tokens seen before this session started (a resumed run counts only its own tokens/s)."""
+
+    def __init__(self) -> None:
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.tokens_at_start = state.num_input_tokens_seen
+
+    def tokens(self, state) -> int:
+        """Tokens trained in this session."""
+        return state.num_input_tokens_seen - self.tokens_at_start
+
+
+def _sft_config(config: dict, output_dir: Path):
+    """TRL SFTConfig from a resolved TRAINING_CONFIGS entry."""
+    import torch
+    from trl import SFTConfig
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=config["learning_rate"],
+        num_train_epochs=config["num_train_epochs"],
+        max_steps=config["max_steps"],
+        per_device_train_batch_size=config["per_device_train_batch_size"],
+        gradient_accumulation_steps=config["gradient_accumulation_steps"],
+        max_length=config["max_length"],
+        warmup_steps=config["warmup_ratio"],  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=config["lr_scheduler_type"],
+        seed=config["seed"],
+        data_seed=config["seed"],
+        gradient_checkpointing=config["gradient_checkpointing"],
+        packing=config["packing"],
+        logging_steps=config["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config["save_steps"],
+        save_total_limit=2,
+        bf16=bf16,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+    )
+
+
+def _lora_config(config: dict):
+    """LoRA on every linear layer of the model (PEFT's 'all-linear', which leaves the output head out)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config["lora_r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"],
+        target_modules="all-linear", bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def _result(run_dir: Path, saved: dict) -> dict:
+    """What later stages get for a run: adapter folder, config used, summary, loss curve."""
+    config = json.loads((run_dir / "config.json").read_text())
+    return {"run_name": run_dir.name, "adapter_dir": str(run_dir / "adapter"), "config": config["training"],
+            "summary": saved["summary"], "loss_curve": saved["loss_curve"]}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _fmt(value: float | None) -> str:
+    """A loss with 3 decimals, or '?'."""
+    return "?" if value is None else f"{value:.3f}"
+
+
+def train_stage(settings, train_set: dict | None) -> dict:
+    """Stage 4: train every TRAINING_CONFIGS entry on the stage-3 data set; {run name: result}."""
+    from scripts.pre_proc import load_jsonl
+
+    configs = validate_training_configs(settings.training_configs, seed=settings.seed)
+    fingerprint = (train_set or {}).get("fingerprint")
+    trainer = QLoRATrainer(settings.base_model_id, settings.results_dir, quantization=settings.quantization,
+                           token=settings.hf_token, force=settings.force)
+    if "train" not in settings.stages:
+        return trainer.completed_runs(configs, fingerprint) if train_set else {}
+    if train_set is None:
+        raise UserError("the train stage needs the pre-processed data set: run the 'preprocess' stage too "
+                        "(e.g. --stages preprocess,train)")
+    return trainer.train_all(configs, load_jsonl(Path(train_set["path"])), fingerprint)

@@ -1,0 +1,184 @@
+"""Stage 4: config validation, the label mask, a real tiny LoRA run, adapter reload, resume and skip."""
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from scripts.errors import UserError
+from scripts.prompts import render
+from scripts.training import (
+    TRAINING_DEFAULTS, QLoRATrainer, _lora_config, _sft_config, run_name, tokenize_for_training,
+    validate_training_configs,
+)
+from tests.tiny_models import build_tiny_model, build_tokenizer
+
+INIT_RANGE = 0.2  # large enough that the frozen output head lets a LoRA-only run lower the loss clearly
+SCHEMA = "CREATE TABLE singer (singer_id INTEGER PRIMARY KEY, name TEXT, country TEXT, age INTEGER);"
+PAIRS = [
+    ("How many singers are there?", "SELECT count(*) FROM singer"),
+    ("List the names of all singers.", "SELECT name FROM singer"),
+    ("What is the average age of singers?", "SELECT avg(age) FROM singer"),
+    ("Which countries do singers come from?", "SELECT DISTINCT country FROM singer"),
+]
+
+
+def sft_rows(tokenizer) -> Dataset:
+    """Prompt/completion rows for PAIRS, rendered by the one prompt function."""
+    rendered = [render(tokenizer, SCHEMA, q, a) for q, a in PAIRS]
+    return Dataset.from_dict({"prompt": [p for p, _ in rendered], "completion": [c for _, c in rendered]})
+
+
+class TinyLoader:
+    """Stands in for scripts.models.load_model_and_tokenizer; counts calls and checks for_training."""
+
+    def __init__(self, kind: str = "chatml", arch: str = "llama") -> None:
+        self.kind, self.arch, self.calls = kind, arch, 0
+
+    def __call__(self, model_id, *, quantization, token, for_training):
+        assert for_training is True
+        self.calls += 1
+        tokenizer = build_tokenizer(self.kind)
+        return build_tiny_model(tokenizer, arch=self.arch, seed=0, initializer_range=INIT_RANGE), tokenizer
+
+
+def config(**overrides) -> dict:
+    """A resolved config for a short CPU run."""
+    base = {"learning_rate": 1e-2, "max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+            "max_length": 512, "warmup_ratio": 0.0, "lr_scheduler_type": "constant", "gradient_checkpointing": False,
+            "logging_steps": 1, "save_steps": 100}
+    return validate_training_configs([{**base, **overrides}])[0]
+
+
+def test_validation_fills_defaults_and_rejects_bad_entries():
+    resolved = validate_training_configs([{"learning_rate": 1e-4}, {}], seed=7)
+    assert resolved[0] == {**TRAINING_DEFAULTS, "learning_rate": 1e-4, "seed": 7}
+    assert resolved[1]["lora_r"] == 16 and resolved[1]["lora_alpha"] == 32 and resolved[1]["lora_dropout"] == 0.05
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['lr'\].*allowed keys: learning_rate"):
+        validate_training_configs([{"lr": 1e-4}])
+    with pytest.raises(UserError, match=r"TRAINING_CONFIGS\[1\]\['learning_rate'\] must be a number"):
+        validate_training_configs([{}, {"learning_rate": "2e-4"}])
+    with pytest.raises(UserError, match=r"per_device_train_batch_size'\] must be an integer, got True"):
+        validate_training_configs([{"per_device_train_batch_size": True}])
+    with pytest.raises(UserError, match=r"max_steps'\] must be an integer"):
+        validate_training_configs([{"max_steps": 10.0}])
+    with pytest.raises(UserError, match=r"packing'\] must be a boolean"):
+        validate_training_configs([{"packing": 1}])
+    with pytest.raises(UserError, match=r"lora_dropout.*in \[0, 1\)"):
+        validate_training_configs([{"lora_dropout": 1.5}])
+    with pytest.raises(UserError, match="lr_scheduler_type"):
+        validate_training_configs([{"lr_scheduler_type": "cosinus"}])
+    with pytest.raises(UserError, match="non-empty list"):
+        validate_training_configs([])
+
+
+def test_run_name_is_stable_and_follows_config_model_and_data():
+    a = run_name("org/My-Model", config(), "data1")
+    assert a == run_name("org/My-Model", config(), "data1") and a.startswith("my-model-")
+    assert a != run_name("org/My-Model", config(learning_rate=2e-2), "data1")
+    assert a != run_name("org/My-Model", config(), "data2")
+    assert a != run_name("org/Other", config(), "data1")
+
+
+@pytest.mark.parametrize("kind", ["chatml", "base"])
+def test_label_mask_from_the_sft_collator(kind, tmp_path):
+    """Prompt tokens are -100; answer tokens and the end of turn are trained; exactly one end token, no double eos."""
+    from trl import SFTTrainer
+
+    tokenizer = build_tokenizer(kind)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = sft_rows(tokenizer)
+    data, counts = tokenize_for_training(rows, tokenizer, max_length=512)
+    assert counts == {"dropped_too_long": 0, "boundary_retokenized": 0}
+    trainer = SFTTrainer(model=build_tiny_model(tokenizer), args=_sft_config(config(), tmp_path), train_dataset=data,
+                         processing_class=tokenizer, peft_config=_lora_config(config()))
+    batch = next(iter(trainer.get_train_dataloader()))
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>" if kind == "chatml" else "</s>")
+    assert batch["labels"].shape == batch["input_ids"].shape
+    for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()):
+        length = sum(mask)
+        trained = [i for i, label in enumerate(labels) if label != -100]
+        answer = tokenizer.decode([ids[i] for i in trained])
+        prompt = tokenizer.decode(ids[: trained[0]])
+        completion_of = {r["prompt"]: r["completion"] for r in rows.to_list()}
+        assert answer == completion_of[prompt]
+        assert trained == list(range(trained[0], length))  # one block: answer through end of turn, then padding
+        assert [labels[i] for i in trained] == [ids[i] for i in trained]
+        assert ids[length - 1] == end_id and ids[length - 2] != end_id  # no double eos
+        assert all(label == -100 for label in labels[length:])
+
+
+def test_short_run_lowers_loss_saves_and_reloads_adapter(tmp_path):
+    from peft import PeftModel
+
+    loader = TinyLoader("chatml")
+    trainer = QLoRATrainer("tiny/chatml", tmp_path, loader=loader)
+    result = trainer.train(config(max_steps=30), sft_rows(build_tokenizer("chatml")), "data")
+    summary = result["summary"]
+    assert summary["loss_end"] < 0.5 * summary["loss_start"], summary
+    assert summary["steps"] == 30 and summary["tokens_per_second"] > 0 and summary["peak_memory_gb"] > 0
+    run_dir = tmp_path / result["run_name"]
+    assert json.loads((run_dir / "config.json").read_text())["training"] == config(max_steps=30)
+    log = json.loads((run_dir / "training_log.json").read_text())
+    assert [step for step, _ in log["loss_curve"]] == list(range(1, 31))
+
+    tokenizer = build_tokenizer("chatml")
+    model = PeftModel.from_pretrained(build_tiny_model(tokenizer, seed=0, initializer_range=INIT_RANGE), result["adapter_dir"])
+    prompt, completion = render(tokenizer, SCHEMA, *PAIRS[0])
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+    generated = tokenizer.decode(out[0, enc["input_ids"].shape[1]:])
+    assert generated.startswith("SELECT"), generated  # the adapter learned the answer format
+    base = build_tiny_model(tokenizer, seed=0, initializer_range=INIT_RANGE)
+    assert not torch.equal(model(**enc).logits, base(**enc).logits)
+
+
+class StopAfterCheckpoint(TrainerCallback):
+    """Simulates an interruption right after the first checkpoint is written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt("simulated interruption")
+
+
+class CountSteps(TrainerCallback):
+    """Records the step a session starts from and how many steps it runs."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    rows = sft_rows(build_tokenizer("mistral_v3"))
+    cfg = config(max_steps=4, save_steps=2)
+    interrupted = QLoRATrainer("tiny/mistral", tmp_path, loader=TinyLoader("mistral_v3", "mistral"),
+                               callbacks=[StopAfterCheckpoint()])
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train(cfg, rows, "data")
+    run_dir = interrupted.run_dir(cfg, "data")
+    assert (run_dir / "checkpoints" / "checkpoint-2").is_dir() and QLoRATrainer.completed(run_dir) is None
+
+    counter = CountSteps()
+    result = QLoRATrainer("tiny/mistral", tmp_path, loader=TinyLoader("mistral_v3", "mistral"),
+                          callbacks=[counter]).train(cfg, rows, "data")
+    assert result["summary"]["resumed_from"] == "checkpoint-2"
+    assert counter.steps == 2 and result["summary"]["steps"] == 4
+    assert [step for step, _ in result["loss_curve"]] == [1, 2, 3, 4]  # the log history survives the resume
+
+
+def test_completed_run_is_skipped_unless_forced(tmp_path):
+    rows = sft_rows(build_tokenizer("base"))
+    cfg = config(max_steps=2)
+    loader = TinyLoader("base")
+    first = QLoRATrainer("tiny/base", tmp_path, loader=loader).train(cfg, rows, "data")
+    again = QLoRATrainer("tiny/base", tmp_path, loader=loader).train_all([cfg], rows, "data")
+    assert loader.calls == 1 and again == {first["run_name"]: first}
+    assert QLoRATrainer("tiny/base", tmp_path, loader=loader).completed_runs([cfg], "data") == again
+    forced = QLoRATrainer("tiny/base", tmp_path, loader=loader, force=True).train(cfg, rows, "data")
+    assert loader.calls == 2 and forced["summary"]["resumed_from"] is None
