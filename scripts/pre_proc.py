@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +47,25 @@ def _tables_by_db(tables_file: str) -> dict[str, dict]:
     return {entry["db_id"]: entry for entry in json.loads(Path(tables_file).read_text())}
 
 
+_RESERVED = frozenset("""
+    abort action add after all alter analyze and as asc attach autoincrement before begin between by cascade case
+    cast check collate column commit conflict constraint create cross current_date current_time current_timestamp
+    database default deferrable deferred delete desc detach distinct drop each else end escape except exclusive
+    exists explain fail for foreign from full glob group having if ignore immediate in index indexed initially inner
+    insert instead intersect into is isnull join key left like limit match natural no not notnull null of offset on
+    or order outer plan pragma primary query raise recursive references regexp reindex release rename replace
+    restrict right rollback row savepoint select set table temp temporary then to transaction trigger union unique
+    update using vacuum values view virtual when where with without
+""".split())
+
+
+def quote_identifier(name: str) -> str:
+    """A table/column name as SQLite accepts it: bare when plain, else in double quotes (spaces, keywords)."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and name.lower() not in _RESERVED:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
 def schema_from_tables_json(tables_file: Path | None, db_id: str) -> str | None:
     """CREATE TABLE statements built from Spider's tables.json (no rows), or None when the db_id is not there."""
     if tables_file is None or not Path(tables_file).exists():
@@ -57,14 +77,17 @@ def schema_from_tables_json(tables_file: Path | None, db_id: str) -> str | None:
     columns = entry["column_names_original"]
     types = entry["column_types"]
     primary = {i for key in entry.get("primary_keys", []) for i in (key if isinstance(key, list) else [key])}
+    q = quote_identifier
     statements = []
     for t, table in enumerate(tables):
-        lines = [f"  {name} {types[i]}" + (" PRIMARY KEY" if i in primary else "")
+        if table.lower().startswith("sqlite_"):  # SQLite's own tables (sqlite_sequence): not part of the schema
+            continue
+        lines = [f"  {q(name)} {types[i]}" + (" PRIMARY KEY" if i in primary else "")
                  for i, (owner, name) in enumerate(columns) if owner == t]
         for src, dst in entry.get("foreign_keys", []):
             if columns[src][0] == t:
-                lines.append(f"  FOREIGN KEY ({columns[src][1]}) REFERENCES {tables[columns[dst][0]]}({columns[dst][1]})")
-        statements.append(f"CREATE TABLE {table} (\n" + ",\n".join(lines) + "\n);")
+                lines.append(f"  FOREIGN KEY ({q(columns[src][1])}) REFERENCES {q(tables[columns[dst][0]])}({q(columns[dst][1])})")
+        statements.append(f"CREATE TABLE {q(table)} (\n" + ",\n".join(lines) + "\n);")
     return "\n".join(statements)
 
 
