@@ -364,14 +364,14 @@ def _fmt(value: float | None) -> str:
     return "?" if value is None else f"{value:.3f}"
 
 
-def train_stage(settings, train_set: dict | None) -> dict:
+def train_stage(settings, train_set: dict | None, loader: Callable | None = None) -> dict:
     """Stage 4: train every TRAINING_CONFIGS entry on the stage-3 data set; {run name: result}."""
     from scripts.pre_proc import load_jsonl
 
     configs = validate_training_configs(settings.training_configs, seed=settings.seed)
     fingerprint = (train_set or {}).get("fingerprint")
     trainer = QLoRATrainer(settings.base_model_id, settings.results_dir, quantization=settings.quantization,
-                           token=settings.hf_token, force=settings.force)
+                           token=settings.hf_token, force=settings.force, loader=loader)
     if "train" not in settings.stages:
         return trainer.completed_runs(configs, fingerprint) if train_set else {}
     if train_set is None:

@@ -182,3 +182,33 @@ def test_completed_run_is_skipped_unless_forced(tmp_path):
     assert QLoRATrainer("tiny/base", tmp_path, loader=loader).completed_runs([cfg], "data") == again
     forced = QLoRATrainer("tiny/base", tmp_path, loader=loader, force=True).train(cfg, rows, "data")
     assert loader.calls == 2 and forced["summary"]["resumed_from"] is None
+
+
+def test_stages_3_and_4_on_real_spider(shared_spider, tmp_path):
+    """preprocess_stage -> train_stage as main.py calls them, on a small sample of the real Spider train split."""
+    from types import SimpleNamespace
+
+    from scripts.pre_proc import load_jsonl, preprocess_stage
+    from scripts.run_state import StageCache
+    from scripts.spider_data import prepare_spider
+    from scripts.training import train_stage
+
+    loader = TinyLoader("chatml")
+    settings = SimpleNamespace(
+        base_model_id="tiny/chatml", training_configs=[{"max_steps": 2, "max_length": 4096, "logging_steps": 1}],
+        sample_size_train=6, seed=3, schema_sample_rows=2, path_ft_dataset=tmp_path / "ft.jsonl",
+        stages=("preprocess", "train"), results_dir=tmp_path / "results", quantization="none", hf_token=None, force=False,
+    )
+    models = SimpleNamespace(get=lambda adapter=None: loader("tiny/chatml", quantization="none", token=None, for_training=True))
+    layout = prepare_spider(shared_spider, tmp_path / "unused")
+    train_set = preprocess_stage(settings, StageCache(tmp_path / "stages"), layout, models)
+    rows = load_jsonl(train_set["path"])
+    assert train_set["stats"]["sampled"] == 6 and len(rows) == train_set["stats"]["kept"] > 0
+    assert all(r["completion"].endswith("<|im_end|>") and "CREATE TABLE" in r["prompt"] for r in rows)
+
+    runs = train_stage(settings, train_set, loader=loader)
+    (name, run), = runs.items()
+    assert run["summary"]["steps"] == 2 and run["config"]["seed"] == 3
+    settings.stages = ("report",)  # train stage left out: the completed run is found, nothing retrains
+    calls = loader.calls
+    assert train_stage(settings, train_set, loader=loader) == runs and loader.calls == calls
