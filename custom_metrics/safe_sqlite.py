@@ -1,0 +1,193 @@
+"""Read-only, time-limited, size-capped execution of untrusted SQL against SQLite files.
+
+Defences, each enforced by SQLite itself rather than by looking at the SQL text:
+- the file is opened through a URI with ``mode=ro&immutable=1``: a missing path is never created;
+- an authorizer allows only reading actions (SELECT, READ, RECURSIVE and functions other than
+  ``load_extension``); writes, ATTACH, VACUUM, PRAGMA, transactions and temp objects are denied;
+- ``SQLITE_LIMIT_ATTACHED = 0`` and ``enable_load_extension(False)`` as a second line;
+- a progress handler aborts the statement once its deadline has passed;
+- ``SQLITE_LIMIT_LENGTH`` caps every value; the fetch loop caps the row count and the total size.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_ROWS = 100_000
+MAX_VALUE_BYTES = 1_000_000
+MAX_TOTAL_BYTES = 64_000_000
+PROGRESS_STEPS = 1_000  # SQLite VM instructions between two deadline checks
+_FETCH_BATCH = 1_000
+_CACHED_CONNECTIONS = 8
+
+_ALLOWED_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
+_DENIED_FUNCTIONS = frozenset({"load_extension"})
+
+# error classes (shared with execution_accuracy)
+OK = "ok"
+SYNTAX_ERROR = "syntax_error"
+UNKNOWN_TABLE_OR_COLUMN = "unknown_table_or_column"
+TIMEOUT = "timeout"
+NOT_READ_ONLY = "not_read_only"
+TOO_LARGE = "too_large"
+EXEC_ERROR = "exec_error"
+
+
+@dataclass
+class QueryResult:
+    """Rows of one query, or the error class and SQLite's message."""
+
+    rows: list[tuple] | None
+    error: str = OK
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """True when the query ran and returned rows (possibly none)."""
+        return self.error == OK
+
+
+@dataclass
+class _Guard:
+    """Per-connection state read by the authorizer and the progress handler."""
+
+    deadline: float = 0.0
+    denied: list[str] = field(default_factory=list)
+
+    def authorize(self, action: int, arg1, arg2, db_name, trigger) -> int:
+        """sqlite3 authorizer: allow reading actions only, remember what was denied."""
+        if action in _ALLOWED_ACTIONS:
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_FUNCTION and str(arg2).lower() not in _DENIED_FUNCTIONS:
+            return sqlite3.SQLITE_OK
+        self.denied.append(f"action {action} ({arg1}, {arg2})")
+        return sqlite3.SQLITE_DENY
+
+    def past_deadline(self) -> int:
+        """sqlite3 progress handler: non-zero aborts the running statement."""
+        return 1 if time.monotonic() > self.deadline else 0
+
+
+def _decode_text(data: bytes) -> str:
+    """Text decoding of the official Spider evaluator (invalid bytes dropped)."""
+    return data.decode(errors="ignore")
+
+
+def open_read_only(db_path: str | Path) -> tuple[sqlite3.Connection, _Guard]:
+    """Open an existing SQLite file read-only with every guard installed; never creates a file."""
+    path = Path(db_path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"SQLite database not found: {path}")
+    conn = sqlite3.connect(
+        f"{path.as_uri()}?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False
+    )
+    guard = _Guard()
+    conn.text_factory = _decode_text
+    conn.enable_load_extension(False)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
+    conn.set_authorizer(guard.authorize)
+    conn.set_progress_handler(guard.past_deadline, PROGRESS_STEPS)
+    return conn, guard
+
+
+class ConnectionCache:
+    """A few open read-only connections, reused across queries on the same file (LRU)."""
+
+    def __init__(self, size: int = _CACHED_CONNECTIONS) -> None:
+        self._size = size
+        self._items: OrderedDict[str, tuple[sqlite3.Connection, _Guard]] = OrderedDict()
+
+    def get(self, db_path: str | Path) -> tuple[sqlite3.Connection, _Guard]:
+        """The cached connection for this file, opening it when needed."""
+        key = str(db_path)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        item = open_read_only(db_path)
+        self._items[key] = item
+        if len(self._items) > self._size:
+            _, (old, _) = self._items.popitem(last=False)
+            old.close()
+        return item
+
+    def close(self) -> None:
+        """Close every cached connection."""
+        while self._items:
+            _, (conn, _) = self._items.popitem()
+            conn.close()
+
+
+_default_cache = ConnectionCache()
+
+
+def classify_error(exc: BaseException, guard: _Guard, timed_out: bool) -> str:
+    """Map an exception raised while running a query to an error class."""
+    message = str(exc).lower()
+    if timed_out or (isinstance(exc, sqlite3.OperationalError) and message == "interrupted"):
+        return TIMEOUT
+    if guard.denied or "readonly database" in message or "not authorized" in message:
+        return NOT_READ_ONLY
+    if "too big" in message or isinstance(exc, MemoryError):
+        return TOO_LARGE
+    if "no such table" in message or "no such column" in message:
+        return UNKNOWN_TABLE_OR_COLUMN
+    if "syntax error" in message or "incomplete input" in message or "unrecognized token" in message:
+        return SYNTAX_ERROR
+    return EXEC_ERROR
+
+
+def _value_size(value) -> int:
+    """Approximate bytes of one result value."""
+    return len(value) if isinstance(value, (str, bytes)) else 8
+
+
+def _fetch_capped(cursor: sqlite3.Cursor, max_rows: int, max_total_bytes: int) -> list[tuple]:
+    """All rows of the cursor; raises OverflowError past the row or size cap."""
+    rows: list[tuple] = []
+    total = 0
+    while True:
+        batch = cursor.fetchmany(_FETCH_BATCH)
+        if not batch:
+            return rows
+        rows.extend(batch)
+        if len(rows) > max_rows:
+            raise OverflowError(f"more than {max_rows} rows")
+        total += sum(_value_size(v) for row in batch for v in row)
+        if total > max_total_bytes:
+            raise OverflowError(f"result larger than {max_total_bytes} bytes")
+
+
+def run_query(
+    db_path: str | Path,
+    sql: str,
+    timeout: float = 30.0,
+    *,
+    max_rows: int = MAX_ROWS,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    cache: ConnectionCache | None = None,
+) -> QueryResult:
+    """Run one statement read-only within `timeout` seconds; rows or an error class, never an exception."""
+    try:
+        conn, guard = (cache or _default_cache).get(db_path)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        return QueryResult(None, EXEC_ERROR, f"cannot open database: {exc}")
+    guard.denied.clear()
+    guard.deadline = time.monotonic() + timeout
+    cursor = conn.cursor()
+    try:
+        cursor.execute(sql)
+        rows = _fetch_capped(cursor, max_rows, max_total_bytes)
+    except OverflowError as exc:
+        return QueryResult(None, TOO_LARGE, str(exc))
+    except sqlite3.ProgrammingError as exc:  # e.g. "You can only execute one statement at a time."
+        return QueryResult(None, EXEC_ERROR, str(exc))
+    except (sqlite3.Error, MemoryError) as exc:
+        timed_out = time.monotonic() > guard.deadline
+        return QueryResult(None, classify_error(exc, guard, timed_out), str(exc))
+    finally:
+        cursor.close()
+    return QueryResult(rows)
