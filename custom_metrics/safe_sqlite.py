@@ -86,7 +86,8 @@ def open_read_only(db_path: str | Path) -> tuple[sqlite3.Connection, _Guard]:
     )
     guard = _Guard()
     conn.text_factory = _decode_text
-    conn.enable_load_extension(False)
+    if hasattr(conn, "enable_load_extension"):  # absent when Python's sqlite3 was built without it
+        conn.enable_load_extension(False)
     conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_VALUE_BYTES)
     conn.set_authorizer(guard.authorize)
