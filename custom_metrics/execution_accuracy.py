@@ -27,8 +27,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-import datasets
-import evaluate
 import sqlparse
 
 from .safe_sqlite import OK, EXEC_ERROR, run_query
@@ -51,7 +49,10 @@ ERROR_CLASSES = (
     "not_read_only", "too_large", EXEC_ERROR, DB_MISSING, GOLD_ERROR,
 )
 UNKNOWN_HARDNESS = "unknown"
+MIN_ITEMS_FOR_POOL = 32  # below this, starting processes costs more than it saves
 
+# what can make remove_distinct change a query: the word, or a statement break (';' or 'GO')
+_NEEDS_SQLPARSE = re.compile(r";|distinct|\bgo\b", re.IGNORECASE)
 _CUR_YEAR = re.compile(r"YEAR\s*\(\s*CURDATE\s*\(\s*\)\s*\)\s*", re.IGNORECASE)
 
 
@@ -69,6 +70,8 @@ def replace_cur_year(sql: str) -> str:
 
 def remove_distinct(sql: str) -> str:
     """Official remove_distinct: the first sqlparse statement's tokens, without any `distinct` token."""
+    if not _NEEDS_SQLPARSE.search(sql):
+        return sql  # one statement, nothing to drop: sqlparse would give the text back unchanged
     tokens = [token.value for token in sqlparse.parse(sql)[0].flatten()]
     return "".join(token for token in tokens if token.lower() != "distinct")
 
@@ -208,7 +211,7 @@ def score_all(items: list[tuple[str, str, str]], db_dir: str, timeout: float, ke
               workers: int | None) -> list[dict]:
     """Score (pred, gold, db_id) triples, in parallel across processes when more than one worker."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
-    if workers == 1:
+    if workers == 1 or len(items) < MIN_ITEMS_FOR_POOL:
         return _score_chunk((items, db_dir, timeout, keep_distinct))
     jobs = [(chunk, db_dir, timeout, keep_distinct) for chunk in _chunks(items, workers)]
     # spawn: safe when the caller holds CUDA contexts or threads (fork is not)
@@ -300,23 +303,46 @@ Returns: dict with ex, count, by_hardness, errors, db_missing, per_example.
 """
 
 
-class ExecutionAccuracy(evaluate.Metric):
-    """evaluate.Metric wrapper of execution_accuracy()."""
+def _metric_class() -> type:
+    """Build the evaluate.Metric subclass (evaluate and datasets are imported only here: they are slow)."""
+    import datasets
+    import evaluate
 
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="Zhong, Yu, Klein. Semantic Evaluation for Text-to-SQL with Distilled Test Suites. EMNLP 2020.",
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-        )
+    class ExecutionAccuracy(evaluate.Metric):
+        """evaluate.Metric wrapper of execution_accuracy()."""
 
-    def _compute(self, predictions, references, db_ids=None, db_dir=None, timeout=30.0, keep_distinct=False,
-                 table_file=None, workers=None) -> dict:
-        if db_ids is None:
-            raise UserError("execution_accuracy needs db_ids=[...] (one Spider db_id per reference)")
-        return execution_accuracy(predictions, references, db_ids, db_dir, timeout=timeout,
-                                  keep_distinct=keep_distinct, table_file=table_file, workers=workers)
+        def _info(self) -> evaluate.MetricInfo:
+            return evaluate.MetricInfo(
+                description=_DESCRIPTION,
+                citation="Zhong, Yu, Klein. Semantic Evaluation for Text-to-SQL with Distilled Test Suites. EMNLP 2020.",
+                inputs_description=_KWARGS_DESCRIPTION,
+                features=datasets.Features(
+                    {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+                ),
+            )
+
+        def _compute(self, predictions, references, db_ids=None, db_dir=None, timeout=30.0, keep_distinct=False,
+                     table_file=None, workers=None) -> dict:
+            if db_ids is None:
+                raise UserError("execution_accuracy needs db_ids=[...] (one Spider db_id per reference)")
+            return execution_accuracy(predictions, references, db_ids, db_dir, timeout=timeout,
+                                      keep_distinct=keep_distinct, table_file=table_file, workers=workers)
+
+    return ExecutionAccuracy
+
+
+def __getattr__(name: str):
+    """`from custom_metrics.execution_accuracy import ExecutionAccuracy` builds the class on first use."""
+    if name == "ExecutionAccuracy":
+        globals()[name] = _metric_class()
+        return globals()[name]
+    raise AttributeError(name)
+
+
+# evaluate.load looks for the class in the module's namespace; evaluate is already imported then.
+# Worker processes import this module without evaluate, which keeps their start-up fast.
+if "evaluate" in sys.modules:
+    ExecutionAccuracy = _metric_class()
 
 
 # ---------------------------------------------------------------- CLI

@@ -1,0 +1,143 @@
+"""Read-only, time-limited, capped execution: results, error classes, hostile statements change nothing."""
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from custom_metrics.safe_sqlite import ConnectionCache, run_query
+
+TIMEOUT = 1.0
+SLACK = 1.5
+
+
+def make_db(path: Path) -> Path:
+    """A small database: t(x) with 0..999, names(id, name)."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t(x INTEGER)")
+    conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(1000)])
+    conn.execute("CREATE TABLE names(id INTEGER PRIMARY KEY, name TEXT)")
+    conn.executemany("INSERT INTO names VALUES (?, ?)", [(1, "ann"), (2, "bob")])
+    conn.execute("INSERT INTO names VALUES (3, CAST(x'41ff42' AS TEXT))")  # invalid UTF-8 in a TEXT value
+    conn.execute("CREATE INDEX names_name ON names(name)")
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    folder = tmp_path / "db"
+    folder.mkdir()
+    return make_db(folder / "db.sqlite")
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file of a folder (recursively) with its bytes and mtime."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_select_returns_rows(db):
+    result = run_query(db, "SELECT name FROM names WHERE id <= 2 ORDER BY id")
+    assert result.ok and result.rows == [("ann",), ("bob",)]
+
+
+def test_text_decoded_like_the_official_evaluator(db):
+    assert run_query(db, "SELECT name FROM names WHERE id = 3").rows == [("AB",)]
+
+
+def test_syntax_and_unknown_names_are_classified(db):
+    assert run_query(db, "SELEC name FROM names").error == "syntax_error"
+    assert run_query(db, "SELECT name FROM nope").error == "unknown_table_or_column"
+    assert run_query(db, "SELECT nope FROM names").error == "unknown_table_or_column"
+
+
+def test_second_statement_is_refused(db):
+    result = run_query(db, "SELECT 1; SELECT 2")
+    assert result.error == "exec_error" and "one statement" in result.message
+
+
+def test_missing_database_is_an_error_and_no_file_is_created(tmp_path):
+    missing = tmp_path / "nothing" / "none.sqlite"
+    result = run_query(missing, "SELECT 1")
+    assert not result.ok and result.rows is None
+    assert not missing.exists() and not missing.parent.exists()
+
+
+HOSTILE = [
+    "INSERT INTO t VALUES (5)",
+    "UPDATE t SET x = 0",
+    "DELETE FROM t",
+    "DROP TABLE t",
+    "CREATE TABLE u(y)",
+    "CREATE TEMP TABLE u(y)",
+    "REPLACE INTO names VALUES (1, 'eve')",
+    "ALTER TABLE t ADD COLUMN y",
+    "PRAGMA user_version = 7",
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA table_info(t)",
+    "BEGIN",
+    "ANALYZE",
+    "REINDEX names_name",
+    "VACUUM",
+]
+
+
+@pytest.mark.parametrize("sql", HOSTILE)
+def test_writes_and_pragmas_are_refused_and_change_nothing(db, sql):
+    before = snapshot(db.parent)
+    result = run_query(db, sql)
+    assert result.error == "not_read_only", (sql, result)
+    assert snapshot(db.parent) == before
+
+
+@pytest.mark.parametrize("template", ["ATTACH DATABASE '{path}' AS other", "VACUUM INTO '{path}'"])
+def test_attach_and_vacuum_into_create_no_file(db, tmp_path, template):
+    target = tmp_path / "created.sqlite"
+    before = snapshot(tmp_path)
+    result = run_query(db, template.format(path=target))
+    assert result.error == "not_read_only"
+    assert not target.exists() and snapshot(tmp_path) == before
+
+
+def test_load_extension_is_refused(db):
+    result = run_query(db, "SELECT load_extension('/tmp/evil.so')")
+    assert result.error == "not_read_only"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r",
+        "SELECT count(*) FROM t a, t b, t c, t d",
+    ],
+)
+def test_endless_queries_are_interrupted_at_the_deadline(db, sql):
+    start = time.monotonic()
+    result = run_query(db, sql, TIMEOUT)
+    elapsed = time.monotonic() - start
+    assert result.error == "timeout", result
+    assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
+
+
+def test_too_many_rows_is_too_large(db):
+    start = time.monotonic()
+    result = run_query(db, "SELECT a.x, b.x FROM t a, t b", 10.0, max_rows=5_000)
+    assert result.error == "too_large"
+    assert time.monotonic() - start < 5.0
+
+
+def test_too_large_value_and_total_size(db):
+    assert run_query(db, "SELECT randomblob(2000000)").error == "too_large"
+    assert run_query(db, "SELECT zeroblob(500000) FROM t", max_total_bytes=10_000_000).error == "too_large"
+
+
+def test_cached_connection_keeps_guards_per_query(db):
+    cache = ConnectionCache(size=1)
+    assert run_query(db, "DELETE FROM t", cache=cache).error == "not_read_only"
+    assert run_query(db, "SELECT count(*) FROM t", cache=cache).rows == [(1000,)]
+    # the deadline is per query: a later query gets its own time budget
+    assert run_query(db, "SELECT count(*) FROM t a, t b", 5.0, cache=cache).rows == [(1_000_000,)]
+    cache.close()
