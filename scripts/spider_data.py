@@ -159,6 +159,10 @@ def _extract(zip_path: Path, target: Path) -> None:
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         shutil.rmtree(target, ignore_errors=True)
         raise UserError(damaged.format(e)) from None
+    except OSError as e:
+        shutil.rmtree(target, ignore_errors=True)
+        raise UserError(f"could not unpack {zip_path} into {target} ({e}); free disk space or set "
+                        f"PATH_SPIDER_ZIP to an unpacked Spider folder") from None
 
 
 # --- validation ----------------------------------------------------------------------------------------
