@@ -92,26 +92,20 @@ def _permutation_exists(gold: list[tuple], pred: list[tuple]) -> bool:
     gold_cols, pred_cols = list(zip(*gold)), list(zip(*pred))
     n = len(gold_cols)
     gold_bags, pred_bags = [_bag(c) for c in gold_cols], [_bag(c) for c in pred_cols]
-    candidates = []
-    for i in range(n):
-        seen: set = set()
-        options = []
-        for j in range(n):  # identical pred columns are interchangeable: try one of each
-            if gold_bags[i] == pred_bags[j] and pred_cols[j] not in seen:
-                seen.add(pred_cols[j])
-                options.append(j)
-        if not options:
-            return False
-        candidates.append(options)
+    candidates = [[j for j in range(n) if gold_bags[i] == pred_bags[j]] for i in range(n)]
+    if not all(candidates):
+        return False
     order = sorted(range(n), key=lambda i: len(candidates[i]))
 
     def extend(k: int, used: list[int]) -> bool:
         if k == n:
             return True
         i = order[k]
+        tried: set = set()
         for j in candidates[i]:
-            if j in used:
+            if j in used or pred_cols[j] in tried:  # identical unused pred columns are interchangeable
                 continue
+            tried.add(pred_cols[j])
             chosen = used + [j]
             gold_part = _bag(zip(*(gold_cols[order[m]] for m in range(k + 1))))
             pred_part = _bag(zip(*(pred_cols[c] for c in chosen)))
