@@ -380,7 +380,10 @@ def load_model_and_tokenizer(
     if for_training and chosen == "4bit":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},  # the reentrant default is deprecated in torch
+        )
     if adapter is not None:
         model = _load_adapter(model, adapter, for_training)
     if not for_training:

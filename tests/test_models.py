@@ -138,6 +138,10 @@ def test_4bit_load_on_cpu_runs_forward_and_prepares_for_training(tmp_path):
     assert model.is_loaded_in_4bit
     assert model.get_input_embeddings().weight.dtype is torch.float32
     assert not any(p.requires_grad for p in model.parameters())  # prepare_model_for_kbit_training froze the base
+    assert not model.is_gradient_checkpointing  # off unless asked for
+    checkpointed, _ = load_model_and_tokenizer(str(folder), quantization="4bit", for_training=True,
+                                               gradient_checkpointing=True)
+    assert checkpointed.is_gradient_checkpointing
     reference = build_tiny_model(build_tokenizer("chatml")).eval()
     logits = _logits(model, tokenizer)
     assert torch.isfinite(logits).all()
