@@ -204,7 +204,11 @@ def evaluate_mmlu(
     shots = shots_by_subject(dev)
     max_length = max_length or _context_size(model)
     requests = [encode_requests(tokenizer, build_prompt(q, shots_for(q, shots, k_shot))) for q in questions]
-    requests = [_truncate(ctx, conts, max_length) for ctx, conts in requests]
+    cut = [_truncate(ctx, conts, max_length) for ctx, conts in requests]
+    if any(len(a[0]) != len(b[0]) for a, b in zip(cut, requests)):
+        log.warning("MMLU: %d prompts are longer than %s tokens and were cut from the left",
+                    sum(len(a[0]) != len(b[0]) for a, b in zip(cut, requests)), max_length)
+    requests = cut
     rows: list[dict | None] = [None] * len(questions)
     single = [i for i, (_, conts) in enumerate(requests) if all(len(c) == 1 for c in conts)]
     multi = [i for i, (_, conts) in enumerate(requests) if not all(len(c) == 1 for c in conts)]
@@ -348,7 +352,6 @@ def _truncate(context: list[int], continuations: list[list[int]], max_length: in
         return context, continuations
     room = max_length - max(len(c) for c in continuations)
     if len(context) > room:
-        log.warning("MMLU: a prompt of %d tokens is cut from the left to %d", len(context), room)
         context = context[-room:]
     return context, continuations
 
