@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -19,19 +18,12 @@ from datasets import Dataset
 
 from scripts.errors import UserError
 from scripts.prompts import render
+from scripts.spider_data import sample_examples as sample_subset  # one seeded sampler for the whole pipeline
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 1024  # tokens, when no TRAINING_CONFIGS entry sets max_length
 SchemaFn = Callable[[Path, int], str]
-
-
-def sample_subset(examples: Sequence[dict], sample_size: int | None, seed: int) -> list[dict]:
-    """A seeded random subset of `sample_size` examples in their original order; None (or too large) = all."""
-    if sample_size is None or sample_size >= len(examples):
-        return list(examples)
-    keep = sorted(random.Random(seed).sample(range(len(examples)), sample_size))
-    return [examples[i] for i in keep]
 
 
 def _default_schema_fn() -> SchemaFn:
