@@ -90,6 +90,8 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
     """Indices of the prompts grouped into batches of similar token length (longest first)."""
+    if not prompts:  # every answer already stored (a resumed run): nothing to generate
+        return []
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -159,10 +161,14 @@ def evaluate_text_to_sql(
     max_new_tokens: int = 160,
     sample_rows: int = 0,
     timeout: float = 30.0,
+    resume: bool = True,
 ) -> dict:
-    """Generate, extract and score; every answer goes to the store as soon as its batch is done (resumable)."""
+    """Generate, extract and score; every answer goes to the store as soon as its batch is done (resumable).
+
+    resume=False generates every answer again (--force) instead of reusing those the store holds for run_id.
+    """
     prompts = build_prompts(tokenizer, examples, layout, sample_rows)
-    previous = {row["example_key"]: row for row in store.sql_rows(run_id)} if store else {}
+    previous = {row["example_key"]: row for row in store.sql_rows(run_id)} if store and resume else {}
     keys = [example_key(e) for e in examples]
     raw: list[str | None] = [previous[k]["raw_output"] if k in previous else None for k in keys]
     latency: list[float | None] = [previous[k]["latency_s"] if k in previous else None for k in keys]
@@ -284,6 +290,7 @@ def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, 
             store=store, run_id=run_id,
             batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens,
             sample_rows=settings.schema_sample_rows, timeout=settings.sql_timeout_s,
+            resume=not settings.force,  # --force generates every answer again
         )
         summary.pop("per_example", None)
         summary.update(run_id=run_id, adapter=adapter, seconds=round(time.perf_counter() - start, 1))

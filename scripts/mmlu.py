@@ -399,10 +399,12 @@ def _run_mmlu(stage: str, settings, store, models, adapter: str | None) -> dict:
     dev = load_mmlu(settings.path_mmlu, "dev") if settings.mmlu_k_shot > 0 else []
     run_id = store.start_run(
         kind=stage, model=settings.base_model_id, adapter=adapter,
-        config={"k_shot": settings.mmlu_k_shot, "per_subject": settings.mmlu_per_subject, "seed": settings.seed},
+        config={"k_shot": settings.mmlu_k_shot, "per_subject": settings.mmlu_per_subject, "seed": settings.seed,
+                "adapter_weights": _adapter_stamp(adapter)},  # a retrained adapter's answers are not the old ones
         data_fingerprint=data_fingerprint([[q["subject"], q["index"], q["question"]] for q in questions]),
     )
-    stored = {(r["subject"], r["index"]): r for r in store.mmlu_rows(run_id)}
+    redo = getattr(settings, "force", False)  # --force scores every question again
+    stored = {} if redo else {(r["subject"], r["index"]): r for r in store.mmlu_rows(run_id)}
     todo = [q for q in questions if (q["subject"], q["index"]) not in stored]
     if stored:
         log.info("%s: resuming, %d of %d answers already in the store", stage, len(questions) - len(todo), len(questions))

@@ -31,9 +31,9 @@ class StageCache:
         return self.folder / f"{name}.json"
 
     def load(self, name: str, key: str) -> Any | None:
-        """The saved result of a stage for these inputs, or None."""
+        """The saved result of a stage for these inputs, or None (force does not hide it: see run)."""
         path = self.path(name)
-        if self.force or not path.exists():
+        if not path.exists():
             return None
         saved = json.loads(path.read_text())
         return saved["result"] if saved.get("fingerprint") == key else None
@@ -45,8 +45,11 @@ class StageCache:
         os.replace(tmp, self.path(name))
 
     def run(self, name: str, key: str, compute: Callable[[], Any]) -> Any:
-        """The saved result when its inputs match, else compute, save and return it."""
-        cached = self.load(name, key)
+        """The saved result when its inputs match, else (or with force) compute, save and return it.
+
+        force redoes the stages that run; a stage left out of --stages still hands on its saved result.
+        """
+        cached = None if self.force else self.load(name, key)
         if cached is not None:
             log.info("stage %s: reusing the result saved for the same inputs (%s)", name, self.path(name))
             return cached
