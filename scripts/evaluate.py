@@ -107,8 +107,12 @@ def generate(
     max_new_tokens: int = 160,
     done: Callable[[list[int], list[str], float], None] | None = None,
     skip: Iterable[int] = (),
+    **generate_kwargs,
 ) -> list[str | None]:
-    """Greedy answers for the prompts, batched with left padding; `done(indices, texts, seconds)` after each batch."""
+    """Greedy answers for the prompts, batched with left padding; `done(indices, texts, seconds)` after each batch.
+
+    `generate_kwargs` go to `model.generate` (e.g. cache_implementation="static" for the GPU benchmark).
+    """
     tokenizer.padding_side = "left"
     skip = set(skip)
     todo = [i for i in range(len(prompts)) if i not in skip]
@@ -126,6 +130,7 @@ def generate(
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=tokenizer.pad_token_id,
+            **generate_kwargs,
         )
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, text in zip(indices, texts):

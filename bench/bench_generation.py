@@ -1,0 +1,66 @@
+"""Benchmark of Spider dev SQL generation: batch sizes and cache levers against a small-batch reference, in one process.
+
+Usage: python -m bench.bench_generation MODEL SPIDER_ZIP [--n N] [--quantization none|4bit] [--out DIR]
+Every variant generates greedily for the same N dev prompts; printed: seconds, ratio to the reference, and how
+many answers are identical to the reference's (greedy decoding in other batch shapes can flip near-ties in bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from scripts.evaluate import build_prompts, generate
+from scripts.models import load_model_and_tokenizer
+from scripts.spider_data import load_split, prepare_spider
+
+VARIANTS = {  # name: (batch size, extra generate arguments)
+    "reference (batch 16)": (16, {}),
+    "batch 64": (64, {}),
+    "batch 128": (128, {}),
+    "batch 256": (256, {}),
+    "batch 256, static cache (compiled)": (256, {"cache_implementation": "static"}),
+}
+
+
+def main() -> None:
+    """Generate with each variant and print a table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("spider_zip", type=Path)
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--quantization", default="none")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--only", default="", help="comma-separated parts of variant names to run besides the reference")
+    args = p.parse_args()
+    layout = prepare_spider(args.spider_zip, Path("data/spider_data"))
+    examples = [e for e in load_split(layout, "dev") if layout.db_path(e["db_id"])][: args.n]
+    model, tokenizer = load_model_and_tokenizer(args.model, quantization=args.quantization)
+    prompts = build_prompts(tokenizer, examples, layout)
+    rows, reference = [], None
+    only = set(args.only.split(",")) if args.only else None
+    for name, (batch_size, extra) in VARIANTS.items():
+        if only and not any(o in name for o in only) and name != next(iter(VARIANTS)):
+            continue
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        start = time.perf_counter()
+        texts = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=args.max_new_tokens, **extra)
+        seconds = time.perf_counter() - start
+        reference = reference or (texts, seconds)
+        same = sum(a == b for a, b in zip(texts, reference[0]))
+        rows.append({"variant": name, "seconds": round(seconds, 2), "ratio": reference[1] / seconds,
+                     "identical": same, "n": len(texts)})
+    print(f"{'variant':24} {'seconds':>8} {'speed-up':>8} {'identical':>10}")
+    for r in rows:
+        print(f"{r['variant']:24} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_generation.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
