@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scripts import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -45,11 +47,17 @@ class StageCache:
         os.replace(tmp, self.path(name))
 
     def run(self, name: str, key: str, compute: Callable[[], Any]) -> Any:
-        """The saved result when its inputs match, else compute, save and return it."""
-        cached = self.load(name, key)
+        """The saved result when its inputs match, else compute, save and return it.
+
+        With several processes (scripts/distributed.py) the main process decides whether the saved result is
+        reused; `compute` runs on every process, the main process saves what its own `compute` returned, and
+        every process gets that result.
+        """
+        cached = distributed.broadcast(self.load(name, key) if distributed.is_main() else None)
         if cached is not None:
             log.info("stage %s: reusing the result saved for the same inputs (%s)", name, self.path(name))
             return cached
         result = compute()
-        self.save(name, key, result)
-        return result
+        if distributed.is_main():
+            self.save(name, key, result)
+        return distributed.broadcast(result)
