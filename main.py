@@ -4,6 +4,7 @@
     python main.py --demo                # the bundled demo data and SmolLM2-135M-Instruct, minutes on a CPU
     python main.py --stages preprocess,train --sample-size-train 500
     python main.py --help
+    accelerate launch main.py            # the same run spread over every GPU of the machine (README: Several GPUs)
 
 Constants below are the defaults; `.env` (see .env.example) overrides them, and flags override both.
 Each stage's result is saved under results/; a rerun with the same inputs skips it, an interrupted run resumes.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import nullcontext
 
 # --- config --------------------------------------------------------------------------------------------
 BASE_MODEL_ID = "openlm-research/open_llama_3b_v2"  # Hub id, local folder or .gguf file
@@ -31,7 +33,7 @@ QUANTIZATION = "auto"  # auto: 4-bit NF4 on CUDA, plain float32 LoRA on CPU; or 
 SEED = 0
 # --------------------------------------------------------------------------------------------------------
 
-from scripts import evaluate, mmlu, pre_proc, regression, report, spider_data, training  # noqa: E402
+from scripts import distributed, evaluate, mmlu, pre_proc, regression, report, spider_data, training  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
 from scripts.run_state import StageCache  # noqa: E402
 from scripts.settings import Settings, parse_args, resolve_settings  # noqa: E402
@@ -63,7 +65,8 @@ def run(s: Settings) -> dict:
     cache = StageCache(s.results_dir / "stages", force=s.force)
     training.validate_training_configs(s.training_configs)
     models = evaluate.ModelCache(s)
-    with ResultsStore(s.db_path) as store:
+    # under accelerate launch the main process alone opens (and writes) the store; the others pass None
+    with ResultsStore(s.db_path) if distributed.is_main() else nullcontext() as store:
         layout = spider_data.prepare_stage(s)  # 1. unpack and validate Spider
         dev = evaluate.dev_examples(s, layout)
         baseline_ex = evaluate.ex_stage("baseline_ex", "baseline_ex", s, cache, store, models, layout, dev)  # 2. baseline EX
@@ -80,10 +83,13 @@ def run(s: Settings) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: settings, logging, run; a user error is one clear line and exit status 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not distributed.is_main():  # under accelerate launch the main process logs the run; the others only warnings
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         settings = resolve_settings(config_defaults(), parse_args(argv))
         log.info("settings: %s", settings.public())
         run(settings)
+        distributed.finish()
     except UserError as e:
         log.error("%s", e)
         return 2

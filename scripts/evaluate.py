@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from custom_metrics.execution_accuracy import execution_accuracy
+from scripts import distributed
 from scripts.prompts import end_of_turn, render
 from scripts.spider_data import SpiderLayout, schema_text
 
@@ -90,7 +91,7 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
     """Indices of the prompts grouped into batches of similar token length (longest first)."""
-    if not prompts:  # every answer already stored (a resumed run): nothing to generate
+    if not prompts:  # every answer already stored (a resumed run), or a process of a launch with no share
         return []
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -167,10 +168,12 @@ def evaluate_text_to_sql(
     sample_rows: int = 0,
     timeout: float = 30.0,
     resume: bool = True,
-) -> dict:
+) -> dict | None:
     """Generate, extract and score; every answer goes to the store as soon as its batch is done (resumable).
 
     resume=False generates every answer again (--force) instead of reusing those the store holds for run_id.
+    With several processes (scripts/distributed.py) each generates its share of the examples; the main process
+    (the only one with a store) gathers the answers, scores and returns the summary; the others return None.
     """
     prompts = build_prompts(tokenizer, examples, layout, sample_rows)
     previous = {row["example_key"]: row for row in store.sql_rows(run_id)} if store and resume else {}
@@ -179,6 +182,9 @@ def evaluate_text_to_sql(
     latency: list[float | None] = [previous[k]["latency_s"] if k in previous else None for k in keys]
     if previous:
         log.info("resuming: %d of %d answers already in the store", sum(r is not None for r in raw), len(raw))
+    raw, latency = distributed.broadcast((raw, latency))  # what the main process's store already holds
+    todo = [i for i, r in enumerate(raw) if r is None]
+    mine = {todo[j] for j in distributed.shard(len(todo))}  # this process's share of what is left (all, alone)
 
     def save(indices: list[int], texts: list[str], seconds: float) -> None:
         for i, text in zip(indices, texts):
@@ -193,8 +199,17 @@ def evaluate_text_to_sql(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         done=save,
-        skip=[i for i, r in enumerate(raw) if r is not None],
+        skip=[i for i in range(len(prompts)) if i not in mine],
     )
+    shares = distributed.gather({i: (raw[i], latency[i]) for i in sorted(mine)})
+    if shares is None:
+        return None
+    others = [i for share in shares[1:] for i in share]  # the other processes' answers (the main's are in raw)
+    for share in shares[1:]:
+        for i, (text, seconds) in share.items():
+            raw[i], latency[i] = text, seconds
+    if store and others:
+        store.add_sql(run_id, [_row(examples[i], keys[i], raw[i], latency[i]) for i in others])
     sqls = [extract_sql(text or "") for text in raw]
     summary = score(examples, sqls, layout, timeout=timeout)
     if store:
@@ -257,10 +272,12 @@ class ModelCache:
 
 
 def dev_examples(settings, layout: SpiderLayout) -> list[dict]:
-    """The Spider dev examples to evaluate (seeded subset), also written to PATH_TASK_EVAL_DATASET."""
+    """The Spider dev examples to evaluate (seeded subset), also written to PATH_TASK_EVAL_DATASET (main process)."""
     from scripts.spider_data import load_split, missing_databases, sample_examples
 
     examples = sample_examples(load_split(layout, "dev"), settings.sample_size_eval, settings.seed)
+    if not distributed.is_main():  # the same seeded sample; the main process warns and writes the file
+        return examples
     missing = missing_databases(layout, examples)
     if missing:
         log.warning(
@@ -279,9 +296,9 @@ def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, 
     if stage not in settings.stages:
         return cache.load(name, key)
 
-    def compute() -> dict:
+    def compute() -> dict | None:
         model, tokenizer = models.get(adapter)
-        run_id = store.start_run(
+        run_id = None if store is None else store.start_run(  # no store on the other processes of a launch
             kind=name,
             model=settings.base_model_id,
             adapter=adapter,
@@ -297,6 +314,8 @@ def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, 
             sample_rows=settings.schema_sample_rows, timeout=settings.sql_timeout_s,
             resume=not settings.force,  # --force generates every answer again
         )
+        if summary is None:  # another process of a launch: the main process scores, cache.run passes its result on
+            return None
         summary.pop("per_example", None)
         summary.update(run_id=run_id, adapter=adapter, seconds=round(time.perf_counter() - start, 1))
         log.info("%s: EX %.1f%% on %d examples (%s)", name, 100 * summary["ex"], summary["count"], summary["by_hardness"])

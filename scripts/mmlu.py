@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from scripts import distributed
 from scripts.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -391,28 +392,45 @@ def mmlu_stage(stage: str, settings, cache, store, models, adapter: str | None =
     return cache.run(stage, key, lambda: _run_mmlu(stage, settings, store, models, adapter))
 
 
-def _run_mmlu(stage: str, settings, store, models, adapter: str | None) -> dict:
-    """Load the questions, evaluate what the store does not hold yet, and summarize."""
+def _run_mmlu(stage: str, settings, store, models, adapter: str | None) -> dict | None:
+    """Load the questions, evaluate what the store does not hold yet, and summarize.
+
+    With several processes (scripts/distributed.py) each evaluates its share of the questions left to do; the
+    main process (the only one with a store) stores the gathered answers and returns the summary, the others None.
+    """
     from scripts.store import data_fingerprint
 
     questions = load_mmlu(settings.path_mmlu, "test", per_subject=settings.mmlu_per_subject, seed=settings.seed)
     dev = load_mmlu(settings.path_mmlu, "dev") if settings.mmlu_k_shot > 0 else []
-    run_id = store.start_run(
-        kind=stage, model=settings.base_model_id, adapter=adapter,
-        config={"k_shot": settings.mmlu_k_shot, "per_subject": settings.mmlu_per_subject, "seed": settings.seed,
-                "adapter_weights": _adapter_stamp(adapter)},  # a retrained adapter's answers are not the old ones
-        data_fingerprint=data_fingerprint([[q["subject"], q["index"], q["question"]] for q in questions]),
-    )
-    redo = getattr(settings, "force", False)  # --force scores every question again
-    stored = {} if redo else {(r["subject"], r["index"]): r for r in store.mmlu_rows(run_id)}
-    todo = [q for q in questions if (q["subject"], q["index"]) not in stored]
-    if stored:
-        log.info("%s: resuming, %d of %d answers already in the store", stage, len(questions) - len(todo), len(questions))
+    run_id, todo = None, None
+    if store is not None:  # no store on the other processes of a launch
+        run_id = store.start_run(
+            kind=stage, model=settings.base_model_id, adapter=adapter,
+            config={"k_shot": settings.mmlu_k_shot, "per_subject": settings.mmlu_per_subject, "seed": settings.seed,
+                    "adapter_weights": _adapter_stamp(adapter)},  # a retrained adapter's answers are not the old ones
+            data_fingerprint=data_fingerprint([[q["subject"], q["index"], q["question"]] for q in questions]),
+        )
+        redo = getattr(settings, "force", False)  # --force scores every question again
+        stored = {} if redo else {(r["subject"], r["index"]): r for r in store.mmlu_rows(run_id)}
+        todo = [q for q in questions if (q["subject"], q["index"]) not in stored]
+        if stored:
+            log.info("%s: resuming, %d of %d answers already in the store", stage, len(questions) - len(todo),
+                     len(questions))
+    todo = distributed.broadcast(todo)
     start = time.perf_counter()
     if todo:
         model, tokenizer = models.get(adapter)
-        evaluate_mmlu(model, tokenizer, todo, dev, k_shot=settings.mmlu_k_shot, batch_size=settings.eval_batch_size,
-                      done=lambda rows: store.add_mmlu(run_id, rows))
+        mine = [todo[i] for i in distributed.shard(len(todo))]
+        rows = evaluate_mmlu(model, tokenizer, mine, dev, k_shot=settings.mmlu_k_shot,
+                             batch_size=settings.eval_batch_size,
+                             done=lambda rows: store.add_mmlu(run_id, rows) if store is not None else None)
+        shares = distributed.gather(rows)
+        if shares is None:
+            return None
+        for share in shares[1:]:  # the other processes' answers (the main process stored its own batch by batch)
+            store.add_mmlu(run_id, share)
+    elif not distributed.is_main():
+        return None
     by_key = {(r["subject"], r["index"]): r for r in store.mmlu_rows(run_id)}
     rows = [by_key[(q["subject"], q["index"])] for q in questions]
     summary = summarize_mmlu(rows)

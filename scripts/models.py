@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from scripts import distributed
 from scripts.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -230,16 +231,17 @@ def gguf_cache_folder(gguf_path: Path, cache_dir: Path) -> Path:
 def ensure_gguf_converted(gguf_path: Path, cache_dir: Path) -> Path:
     """The cached safetensors folder for this .gguf, converting it first when missing."""
     folder = gguf_cache_folder(gguf_path, cache_dir)
-    if (folder / GGUF_MARKER).exists():
-        log.info("GGUF %s: using the cached conversion in %s", gguf_path, folder)
+    with distributed.main_process_first():  # under accelerate launch the main process converts, the others wait
+        if (folder / GGUF_MARKER).exists():
+            log.info("GGUF %s: using the cached conversion in %s", gguf_path, folder)
+            return folder
+        log.info("GGUF %s: dequantizing once into %s (later loads read that folder)", gguf_path, folder)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        convert_gguf(Path(gguf_path), partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
         return folder
-    log.info("GGUF %s: dequantizing once into %s (later loads read that folder)", gguf_path, folder)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    convert_gguf(Path(gguf_path), partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
-    return folder
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -324,8 +326,8 @@ def _model_kwargs(quantization: str, cuda: bool) -> dict:
     """from_pretrained kwargs for "4bit" or "none" on this machine."""
     dtype = compute_dtype(cuda)
     kwargs: dict = {"dtype": dtype}
-    if cuda:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if cuda:  # the whole model on one GPU: this process's own under accelerate launch (data parallel)
+        kwargs["device_map"] = {"": distributed.local_rank() if distributed.launched() else torch.cuda.current_device()}
     if quantization == "4bit":
         from transformers import BitsAndBytesConfig
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
+from scripts import distributed
 from scripts.errors import UserError
 from scripts.prompts import render
 from scripts.spider_data import sample_examples as sample_subset  # one seeded sampler for the whole pipeline
@@ -208,12 +209,15 @@ def preprocess_stage(settings, cache, layout, models) -> dict | None:
         if len(dataset) == 0:
             raise UserError(f"no training example fits in max_length={max_length} tokens: raise max_length in "
                             f"TRAINING_CONFIGS or lower SCHEMA_SAMPLE_ROWS ({stats})")
-        save_jsonl(dataset, settings.path_ft_dataset)
-        log.info("train set saved to %s", settings.path_ft_dataset)
+        if distributed.is_main():  # under accelerate launch every process builds the same set; one writes it
+            save_jsonl(dataset, settings.path_ft_dataset)
+            log.info("train set saved to %s", settings.path_ft_dataset)
         return {"path": str(settings.path_ft_dataset), "fingerprint": key, "stats": stats}
 
     result = cache.run("preprocess", key, compute)
-    if not Path(result["path"]).exists():  # saved stage result but the file was deleted: rebuild it
+    if distributed.broadcast(not Path(result["path"]).exists()):  # saved stage result but the file was deleted
         result = compute()
-        cache.save("preprocess", key, result)
+        if distributed.is_main():
+            cache.save("preprocess", key, result)
+        distributed.barrier()  # the file is written before any process reads it
     return result

@@ -6,6 +6,8 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
+from scripts import distributed
+
 log = logging.getLogger(__name__)
 
 LEVELS = ("easy", "medium", "hard", "extra")
@@ -26,7 +28,7 @@ def report_stage(settings, baseline_ex, baseline_mmlu, adapters, tuned_ex, best,
         "best_mmlu": _without_rows(tuned_mmlu),
         "regression": analysis,
     }
-    if "report" not in settings.stages:
+    if "report" not in settings.stages or not distributed.is_main():  # the main process alone writes files
         return results
     out = settings.results_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scripts import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -48,11 +50,16 @@ class StageCache:
         """The saved result when its inputs match, else (or with force) compute, save and return it.
 
         force redoes the stages that run; a stage left out of --stages still hands on its saved result.
+        With several processes (scripts/distributed.py) the main process decides whether the saved result is
+        reused; `compute` runs on every process, the main process saves what its own `compute` returned, and
+        every process gets that result.
         """
-        cached = None if self.force else self.load(name, key)
+        mine = None if self.force or not distributed.is_main() else self.load(name, key)
+        cached = distributed.broadcast(mine)
         if cached is not None:
             log.info("stage %s: reusing the result saved for the same inputs (%s)", name, self.path(name))
             return cached
         result = compute()
-        self.save(name, key, result)
-        return result
+        if distributed.is_main():
+            self.save(name, key, result)
+        return distributed.broadcast(result)

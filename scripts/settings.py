@@ -225,7 +225,9 @@ def demo_defaults() -> dict:
 
 def demo_data_paths() -> dict:
     """The demo's data, built from data/demo/ (these win over .env, so a real run's paths never leak in)."""
+    from scripts import distributed
     from scripts.demo_data import build_demo_data
 
-    spider_zip, mmlu_dir = build_demo_data(Path("data/demo_build"))
+    with distributed.main_process_first():  # under accelerate launch the main process builds, the others reuse it
+        spider_zip, mmlu_dir = build_demo_data(Path("data/demo_build"))
     return {"spider_zip": spider_zip, "data_dir": Path("data/demo_build/unpacked"), "path_mmlu": mmlu_dir}

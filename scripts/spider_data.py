@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from scripts import distributed
 from scripts.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,10 @@ def prepare_spider(zip_path: Path, extract_dir: Path) -> SpiderLayout:
 
 def prepare_stage(settings) -> SpiderLayout:
     """Stage 1 for main.py: prepare Spider from the settings and log what is there and what is missing."""
-    layout = prepare_spider(settings.spider_zip, settings.data_dir)
+    with distributed.main_process_first():  # under accelerate launch the main process unpacks, the others find it done
+        layout = prepare_spider(settings.spider_zip, settings.data_dir)
+    if not distributed.is_main():
+        return layout
     for split in ("train", "dev"):
         examples = load_split(layout, split)
         missing = missing_databases(layout, examples)

@@ -11,6 +11,10 @@ The run name is `<model>-<hash of model, resolved config and train data>`, so a 
 Loss is computed on the answer tokens only: rows are tokenized here exactly as at inference (prompt tokenized
 without added special tokens), prompt tokens get label -100, and the completion already ends with the template's
 end of turn (or eos), so nothing is appended (no double eos).
+
+Under `accelerate launch` every process loads its own copy of the model (on its GPU) and the Trainer runs
+data-parallel (DDP); the main process alone writes config.json, the adapter and training_log.json, and the
+others wait for them before a later stage reads them.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from scripts import distributed
 from scripts.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -214,15 +219,18 @@ class QLoRATrainer:
     def train(self, config: dict, dataset, data_fingerprint: str | None = None) -> dict:
         """One run (config already resolved by validate_training_configs): skip, resume or train from scratch."""
         run_dir = self.run_dir(config, data_fingerprint)
-        done = self.completed(run_dir)
+        done = distributed.broadcast(self.completed(run_dir) if distributed.is_main() else None)
         if done and not self.force:
             log.info("run %s: already trained, skipping (force=True retrains)", run_dir.name)
             return done
-        if self.force and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "config.json", {"base_model_id": self.base_model_id, "quantization": self.quantization,
-                                              "data_fingerprint": data_fingerprint, "training": config})
+        if distributed.is_main():
+            if self.force and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir / "config.json", {"base_model_id": self.base_model_id,
+                                                  "quantization": self.quantization,
+                                                  "data_fingerprint": data_fingerprint, "training": config})
+        distributed.barrier()  # the run folder is ready (and a forced rerun's old one gone) before anyone reads it
         model, tokenizer = self.loader(self.base_model_id, quantization=self.quantization, token=self._token,
                                        for_training=True)
         tokenizer.padding_side = "right"
@@ -261,8 +269,9 @@ class QLoRATrainer:
         trainer.train(resume_from_checkpoint=resume)
         seconds = time.perf_counter() - start
         adapter_dir = run_dir / "adapter"
-        trainer.model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
+        if distributed.is_main():
+            trainer.model.save_pretrained(adapter_dir)
+            tokenizer.save_pretrained(adapter_dir)
         history = trainer.state.log_history
         loss_curve = [[h["step"], h["loss"]] for h in history if "loss" in h]
         memory_gb, memory_kind = peak_memory()
@@ -280,7 +289,9 @@ class QLoRATrainer:
             **counts,
         }
         saved = {"completed": True, "summary": summary, "loss_curve": loss_curve, "log_history": history}
-        _write_json(run_dir / "training_log.json", saved)
+        if distributed.is_main():
+            _write_json(run_dir / "training_log.json", saved)
+        distributed.barrier()  # adapter and log on disk before any process goes on to read them
         log.info(
             "run %s: loss %s -> %s, %s tokens/s, %.0f s, peak memory %.2f GB (%s)%s", run_dir.name,
             _fmt(summary["loss_start"]), _fmt(summary["loss_end"]), summary["tokens_per_second"], seconds, memory_gb,
@@ -330,6 +341,7 @@ def _sft_config(config: dict, output_dir: Path):
         save_total_limit=2,
         bf16=bf16,
         report_to="none",
+        ddp_find_unused_parameters=False,  # under accelerate launch: every LoRA weight gets a gradient each step
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
     )
