@@ -79,3 +79,17 @@ def test_token_never_appears_in_public_settings(tmp_path: Path) -> None:
     assert s.hf_token == "hf_secret_value_123"
     assert "hf_secret_value_123" not in repr(s) and "hf_secret_value_123" not in str(s.public())
     assert s.public()["hf_token_set"] is True
+
+
+def test_demo_defaults_fit_a_small_cpu_and_leave_other_runs_alone(tmp_path: Path) -> None:
+    from scripts.settings import DEMO_TRAINING_CONFIGS, demo_defaults
+    from scripts.training import validate_training_configs
+
+    demo = demo_defaults()
+    assert (demo["eval_batch_size"], demo["max_new_tokens"]) == (21, 96)
+    (config,) = validate_training_configs(demo["training_configs"])
+    assert demo["training_configs"] is DEMO_TRAINING_CONFIGS
+    assert config["per_device_train_batch_size"] * config["gradient_accumulation_steps"] == 2
+    assert config["num_train_epochs"] == 2 and config["gradient_checkpointing"] is False
+    s = settings(tmp_path)  # without --demo: the pipeline's own defaults
+    assert (s.eval_batch_size, s.max_new_tokens) == (16, 160)
