@@ -254,7 +254,7 @@ class QLoRATrainer:
         resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         if resume:
             log.info("run %s: resuming from %s", run_dir.name, resume)
-        session = _SessionStats()
+        session = _SessionStats(_seconds_up_to(resume))
         trainer = SFTTrainer(
             model=model,
             args=_sft_config(config, checkpoints),
@@ -265,9 +265,9 @@ class QLoRATrainer:
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
-        seconds = time.perf_counter() - start
+        session_seconds = session.session_seconds()
+        seconds = session.seconds_before + session_seconds
         adapter_dir = run_dir / "adapter"
         if distributed.is_main():
             trainer.model.save_pretrained(adapter_dir)
@@ -280,8 +280,9 @@ class QLoRATrainer:
             "examples": len(train_data),
             "loss_start": loss_curve[0][1] if loss_curve else None,
             "loss_end": loss_curve[-1][1] if loss_curve else None,
-            "train_seconds": round(seconds, 2),
-            "tokens_per_second": round(session.tokens(trainer.state) / seconds, 1) if seconds > 0 else None,
+            "train_seconds": round(seconds, 2),  # a resumed run: its earlier sessions up to the checkpoint included
+            "session_seconds": round(session_seconds, 2),
+            "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1) if seconds > 0 else None,
             "tokens_trained": trainer.state.num_input_tokens_seen,
             "peak_memory_gb": round(memory_gb, 3),
             "peak_memory_kind": memory_kind,
@@ -300,18 +301,42 @@ class QLoRATrainer:
         return _result(run_dir, saved)
 
 
-class _SessionStats(TrainerCallback):
-    """Trainer callback: tokens seen before this session started (a resumed run counts only its own tokens/s)."""
+ELAPSED_FILE = "elapsed.json"  # in each checkpoint: training seconds up to it, so a resumed run reports its whole time
 
-    def __init__(self) -> None:
-        self.tokens_at_start = 0
+
+class _SessionStats(TrainerCallback):
+    """Trainer callback: training seconds over every session of a run, recorded in each checkpoint it saves."""
+
+    def __init__(self, seconds_before: float = 0.0) -> None:
+        self.seconds_before = seconds_before
+        self.started = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
-        self.tokens_at_start = state.num_input_tokens_seen
+        self.started = time.perf_counter()
 
-    def tokens(self, state) -> int:
-        """Tokens trained in this session."""
-        return state.num_input_tokens_seen - self.tokens_at_start
+    def session_seconds(self) -> float:
+        """Seconds since this session's training began."""
+        return time.perf_counter() - self.started
+
+    def seconds(self) -> float:
+        """Seconds of training so far: earlier sessions (up to the checkpoint resumed from) plus this one."""
+        return self.seconds_before + self.session_seconds()
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            _write_json(folder / ELAPSED_FILE, {"seconds": round(self.seconds(), 3), "step": state.global_step})
+
+
+def _seconds_up_to(checkpoint: str | None) -> float:
+    """Training seconds recorded in a checkpoint (0 for a fresh run or a checkpoint without the record)."""
+    if not checkpoint:
+        return 0.0
+    record = Path(checkpoint) / ELAPSED_FILE
+    if not record.exists():
+        log.warning("%s has no %s: the reported training time counts this session only", checkpoint, ELAPSED_FILE)
+        return 0.0
+    return float(json.loads(record.read_text())["seconds"])
 
 
 def _sft_config(config: dict, output_dir: Path):

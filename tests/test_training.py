@@ -163,6 +163,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
         interrupted.train(cfg, rows, "data")
     run_dir = interrupted.run_dir(cfg, "data")
     assert (run_dir / "checkpoints" / "checkpoint-2").is_dir() and QLoRATrainer.completed(run_dir) is None
+    before = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "elapsed.json").read_text())
+    assert before["step"] == 2 and before["seconds"] > 0
 
     counter = CountSteps()
     result = QLoRATrainer("tiny/mistral", tmp_path, loader=TinyLoader("mistral_v3", "mistral"),
@@ -170,6 +172,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
     assert result["summary"]["resumed_from"] == "checkpoint-2"
     assert counter.steps == 2 and result["summary"]["steps"] == 4
     assert [step for step, _ in result["loss_curve"]] == [1, 2, 3, 4]  # the log history survives the resume
+    summary = result["summary"]  # the reported time covers both sessions, not only the resumed tail
+    assert summary["train_seconds"] == pytest.approx(before["seconds"] + summary["session_seconds"], abs=0.02)
+    assert summary["tokens_per_second"] == pytest.approx(summary["tokens_trained"] / summary["train_seconds"], rel=0.05)
 
 
 def test_completed_run_is_skipped_unless_forced(tmp_path):
