@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import re
 import sys
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -49,7 +48,6 @@ ERROR_CLASSES = (
     "not_read_only", "too_large", EXEC_ERROR, DB_MISSING, GOLD_ERROR,
 )
 UNKNOWN_HARDNESS = "unknown"
-MIN_ITEMS_FOR_POOL = 32  # below this, starting processes costs more than it saves
 
 # what can make remove_distinct change a query: the word, or a statement break (';' or 'GO')
 _NEEDS_SQLPARSE = re.compile(r";|distinct|\bgo\b", re.IGNORECASE)
@@ -203,13 +201,14 @@ def _chunks(items: list, workers: int) -> list[list]:
 
 def score_all(items: list[tuple[str, str, str]], db_dir: str, timeout: float, keep_distinct: bool,
               workers: int | None) -> list[dict]:
-    """Score (pred, gold, db_id) triples, in parallel across processes when more than one worker."""
+    """Score (pred, gold, db_id) triples, in parallel threads when more than one worker."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(items)))
-    if workers == 1 or len(items) < MIN_ITEMS_FOR_POOL:
+    if workers == 1:
         return _score_chunk((items, db_dir, timeout, keep_distinct))
     jobs = [(chunk, db_dir, timeout, keep_distinct) for chunk in _chunks(items, workers)]
-    # spawn: safe when the caller holds CUDA contexts or threads (fork is not)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # threads, not processes: SQLite runs outside Python's lock, so slow queries overlap across cores, and a
+    # thread costs nothing to start (a spawned process re-imports the caller's main module: ~25 s under main.py)
+    with ThreadPoolExecutor(workers) as pool:
         return [outcome for chunk in pool.map(_score_chunk, jobs) for outcome in chunk]
 
 
@@ -334,7 +333,7 @@ def __getattr__(name: str):
 
 
 # evaluate.load looks for the class in the module's namespace; evaluate is already imported then.
-# Worker processes import this module without evaluate, which keeps their start-up fast.
+# Imported without evaluate (the CLI, the pipeline), it stays free of evaluate's start-up cost.
 if "evaluate" in sys.modules:
     ExecutionAccuracy = _metric_class()
 
@@ -389,7 +388,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-distinct", action="store_true", help="do not remove DISTINCT before executing")
     parser.add_argument("--per-example", type=Path, default=None, help="write one JSON object per gold line")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="threads running queries (default: all cores)")
     return parser.parse_args(argv)
 
 

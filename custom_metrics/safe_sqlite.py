@@ -11,6 +11,7 @@ Defences, each enforced by SQLite itself rather than by looking at the SQL text:
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -122,7 +123,14 @@ class ConnectionCache:
             conn.close()
 
 
-_default_cache = ConnectionCache()
+_thread_caches = threading.local()  # a connection's guard holds one query's deadline: one cache per thread
+
+
+def _default_cache() -> ConnectionCache:
+    """This thread's connection cache."""
+    if not hasattr(_thread_caches, "cache"):
+        _thread_caches.cache = ConnectionCache()
+    return _thread_caches.cache
 
 
 def classify_error(exc: BaseException, guard: _Guard, timed_out: bool) -> str:
@@ -173,7 +181,7 @@ def run_query(
 ) -> QueryResult:
     """Run one statement read-only within `timeout` seconds; rows or an error class, never an exception."""
     try:
-        conn, guard = (cache or _default_cache).get(db_path)
+        conn, guard = (cache or _default_cache()).get(db_path)
     except (FileNotFoundError, sqlite3.Error) as exc:
         return QueryResult(None, EXEC_ERROR, f"cannot open database: {exc}")
     guard.denied.clear()

@@ -231,7 +231,7 @@ def test_hostile_predictions_are_wrong_change_nothing_and_respect_the_timeout(db
 
 # ---------------------------------------------------------------- pool and API checks
 
-def test_process_pool_gives_the_same_results_as_inline(db_dir):
+def test_worker_pool_gives_the_same_results_as_inline(db_dir):
     preds = ["SELECT name FROM items", "SELECT id FROM items", "", "DELETE FROM items", "SELEC"] * 8
     golds = ["SELECT name FROM items"] * len(preds)
     inline = execution_accuracy(preds, golds, [DB_ID] * len(preds), db_dir, workers=1)
@@ -239,6 +239,16 @@ def test_process_pool_gives_the_same_results_as_inline(db_dir):
     assert pooled["per_example"] == inline["per_example"]
     assert inline["errors"] == {"ok": 8, "wrong_result": 8, "empty": 8, "not_read_only": 8, "syntax_error": 8}
     assert inline["ex"] == pytest.approx(0.2)
+
+
+def test_hanging_predictions_time_out_together_not_one_after_the_other(db_dir):
+    """Four predictions that never finish, four workers: about one time limit in all, not four."""
+    never_ends = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c"
+    start = time.monotonic()
+    result = execution_accuracy([never_ends] * 4, ["SELECT name FROM items"] * 4, [DB_ID] * 4, db_dir,
+                                timeout=1.0, workers=4)
+    assert result["errors"] == {"timeout": 4}
+    assert time.monotonic() - start < 3.0  # one after the other would take at least 4 s
 
 
 def test_bad_python_inputs_raise_user_error(db_dir, tmp_path):
