@@ -146,7 +146,7 @@ def comparable(root) -> dict:
     results = json.loads((root / "results" / "results.json").read_text())
     names = {name: f"run{i}" for i, name in enumerate(results["runs"])}
     adapters = {run["adapter_dir"]: names[name] for name, run in results["runs"].items()}
-    volatile = {"seconds", "run_id", "created", "train_seconds", "tokens_per_second", "peak_memory_gb"}
+    volatile = {"seconds", "run_id", "created", "train_seconds", "session_seconds", "tokens_per_second", "peak_memory_gb"}
 
     def clean(value):
         if isinstance(value, dict):
