@@ -1,0 +1,99 @@
+"""Benchmark of MMLU scoring: the pipeline's one forward per question against four per question, in one process.
+
+Usage: python -m bench.bench_mmlu MODEL MMLU_DIR [--per-subject N] [--subjects a,b] [--batch-size B] [--k-shot K]
+The reference scores each question the lm-evaluation-harness way: the four (context, " A".." D") continuations
+as four full sequences. The pipeline (scripts/mmlu.evaluate_mmlu) runs one forward per question and reads the
+four letters' log-probabilities at its last position. Printed: seconds, ratio, accuracy of each, and on how many
+questions the two predict the same letter.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from scripts.mmlu import (
+    LETTERS,
+    build_prompt,
+    encode_requests,
+    evaluate_mmlu,
+    load_mmlu,
+    score_continuations,
+    shots_by_subject,
+    shots_for,
+)
+from scripts.models import load_model_and_tokenizer
+
+
+def reference_predictions(model, tokenizer, questions: list[dict], dev: list[dict], k_shot: int,
+                          batch_size: int) -> list[str]:
+    """Four sequences per question, batch_size sequences per forward: the likeliest letter of each."""
+    shots = shots_by_subject(dev)
+    requests = [encode_requests(tokenizer, build_prompt(q, shots_for(q, shots, k_shot))) for q in questions]
+    per_batch = max(1, batch_size // len(LETTERS))
+    predictions = []
+    for start in range(0, len(requests), per_batch):
+        chunk = requests[start: start + per_batch]
+        values = score_continuations(model, [(ctx, cont) for ctx, conts in chunk for cont in conts], tokenizer)
+        for j in range(0, len(values), len(LETTERS)):
+            four = values[j: j + len(LETTERS)]
+            predictions.append(LETTERS[four.index(max(four))])
+    return predictions
+
+
+def timed(fn):
+    """(result, seconds) of fn(), the GPU synchronised on both ends."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def main() -> None:
+    """Score the same questions both ways and print a table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("mmlu_dir", type=Path)
+    p.add_argument("--per-subject", type=int, default=None, help="questions per subject (default: all)")
+    p.add_argument("--subjects", default=None, help="comma-separated subjects (default: all 57)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--k-shot", type=int, default=5)
+    p.add_argument("--quantization", default="none")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    subjects = args.subjects.split(",") if args.subjects else None
+    questions = load_mmlu(args.mmlu_dir, "test", subjects=subjects, per_subject=args.per_subject)
+    dev = load_mmlu(args.mmlu_dir, "dev", subjects=subjects)
+    model, tokenizer = load_model_and_tokenizer(args.model, quantization=args.quantization)
+    answers = [q["answer"] for q in questions]
+
+    reference, ref_seconds = timed(lambda: reference_predictions(model, tokenizer, questions, dev, args.k_shot,
+                                                                 args.batch_size))
+    rows, seconds = timed(lambda: evaluate_mmlu(model, tokenizer, questions, dev, args.k_shot, args.batch_size))
+    ours = [r["prediction"] for r in rows]
+    result = {
+        "questions": len(questions),
+        "reference_seconds": round(ref_seconds, 2),
+        "seconds": round(seconds, 2),
+        "ratio": round(ref_seconds / seconds, 2),
+        "reference_accuracy": sum(p == a for p, a in zip(reference, answers)) / len(answers),
+        "accuracy": sum(p == a for p, a in zip(ours, answers)) / len(answers),
+        "same_prediction": sum(a == b for a, b in zip(reference, ours)),
+    }
+    print(f"{len(questions)} MMLU questions, {args.k_shot}-shot, batches of {args.batch_size} sequences")
+    print(f"reference (4 sequences per question): {ref_seconds:8.1f} s, accuracy {result['reference_accuracy']:.4f}")
+    print(f"pipeline (1 forward per question):    {seconds:8.1f} s, accuracy {result['accuracy']:.4f}")
+    print(f"ratio {result['ratio']:.2f}x; same prediction on {result['same_prediction']}/{len(questions)}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_mmlu.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
