@@ -7,12 +7,12 @@ many answers are identical to the reference's (greedy decoding in other batch sh
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from bench import save_json
 from scripts.evaluate import build_prompts, generate
 from scripts.models import load_model_and_tokenizer
 from scripts.spider_data import load_split, prepare_spider
@@ -57,9 +57,7 @@ def main() -> None:
     print(f"{'variant':24} {'seconds':>8} {'speed-up':>8} {'identical':>10}")
     for r in rows:
         print(f"{r['variant']:24} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_generation.json").write_text(json.dumps(rows, indent=1))
+    save_json(args.out, "bench_generation.json", rows)
 
 
 if __name__ == "__main__":

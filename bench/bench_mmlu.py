@@ -9,12 +9,12 @@ questions the two predict the same letter.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from bench import save_json
 from scripts.mmlu import (
     LETTERS,
     build_prompt,
@@ -90,9 +90,7 @@ def main() -> None:
     print(f"reference (4 sequences per question): {ref_seconds:8.1f} s, accuracy {result['reference_accuracy']:.4f}")
     print(f"pipeline (1 forward per question):    {seconds:8.1f} s, accuracy {result['accuracy']:.4f}")
     print(f"ratio {result['ratio']:.2f}x; same prediction on {result['same_prediction']}/{len(questions)}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_mmlu.json").write_text(json.dumps(result, indent=1))
+    save_json(args.out, "bench_mmlu.json", result)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ utilisation (6 x trainable-path parameters x tokens / time / peak bf16 FLOP/s), 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
+from bench import save_json
 from scripts.pre_proc import load_jsonl
 from scripts.training import QLoRATrainer, validate_training_configs
 
@@ -66,9 +66,7 @@ def main() -> None:
         r["ratio"] = r["tokens_per_second"] / reference
         print(f"{r['variant']:40} {r['tokens_per_second']:10.0f} {r['ratio']:6.2f} {r['mfu']:6.1%} "
               f"{r['peak_memory_gb']:8.2f} {r['loss_end']:8.3f}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_training.json").write_text(json.dumps(rows, indent=1))
+    save_json(args.out, "bench_training.json", rows)
 
 
 if __name__ == "__main__":
