@@ -194,17 +194,21 @@ def evaluate_mmlu(
     *,
     max_length: int | None = None,
     done: Callable[[list[dict]], None] | None = None,
+    share_prefix: bool = True,
 ) -> list[dict]:
     """Per question (input order): subject, index, prediction, answer, correct and the 4 log-likelihoods.
 
     `done` receives each finished batch of rows (e.g. to save them as they come); prompts longer than
-    `max_length` (default: the model's context size) are cut from the left, as the harness does.
+    `max_length` (default: the model's context size) are cut from the left, as the harness does. With
+    `share_prefix`, the header and shots that the questions of a subject share go through the model once, and
+    each question's forward starts from their key/value cache.
     """
     from tqdm.auto import tqdm
 
     shots = shots_by_subject(dev)
     max_length = max_length or _context_size(model)
-    requests = [encode_requests(tokenizer, build_prompt(q, shots_for(q, shots, k_shot))) for q in questions]
+    prompts = [build_prompt(q, shots_for(q, shots, k_shot)) for q in questions]
+    requests = [encode_requests(tokenizer, prompt) for prompt in prompts]
     cut = [_truncate(ctx, conts, max_length) for ctx, conts in requests]
     if any(len(a[0]) != len(b[0]) for a, b in zip(cut, requests)):
         log.warning("MMLU: %d prompts are longer than %s tokens and were cut from the left",
@@ -213,6 +217,9 @@ def evaluate_mmlu(
     rows: list[dict | None] = [None] * len(questions)
     single = [i for i, (_, conts) in enumerate(requests) if all(len(c) == 1 for c in conts)]
     multi = [i for i, (_, conts) in enumerate(requests) if not all(len(c) == 1 for c in conts)]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    if share_prefix and single and supports_prefix_cache(model):
+        groups, single = _group_by_prefix(tokenizer, questions, prompts, requests, single)
     if multi:
         log.info("MMLU: %d of %d questions have a multi-token letter continuation; scoring them in full",
                  len(multi), len(questions))
@@ -235,7 +242,16 @@ def evaluate_mmlu(
             values = score_continuations(model, [(requests[i][0], c) for i in batch for c in requests[i][1]], tokenizer)
             return [values[j: j + len(LETTERS)] for j in range(0, len(values), len(LETTERS))]
 
+        def suffix_scores(prefix: tuple[int, ...], cache, batch: list[int]) -> list[list[float]]:
+            suffixes = [requests[i][0][len(prefix):] for i in batch]
+            return score_after_prefix(model, cache, len(prefix), suffixes,
+                                      [[c[0] for c in requests[i][1]] for i in batch], tokenizer)
+
         lengths = [len(ctx) for ctx, _ in requests]
+        for prefix, members in groups.items():
+            cache = prefix_cache(model, list(prefix))
+            for batch in _length_sorted_batches(members, lengths, batch_size):
+                finish(batch, split_on_oom(lambda b, p=prefix, c=cache: suffix_scores(p, c, b), batch))
         for batch in _length_sorted_batches(single, lengths, batch_size):
             finish(batch, split_on_oom(single_scores, batch))
         for batch in _length_sorted_batches(multi, lengths, max(1, batch_size // len(LETTERS))):
@@ -302,6 +318,83 @@ def score_continuations(model, pairs: list[tuple[list[int], list[int]]], tokeniz
     return totals
 
 
+def supports_prefix_cache(model) -> bool:
+    """Whether the model's forward takes position_ids and a key/value cache (needed to start after a prefix)."""
+    return {"position_ids", "past_key_values"} <= _forward_parameters(model)
+
+
+def prefix_cache(model, prefix: list[int]):
+    """The key/value cache of one prompt prefix (a batch of one)."""
+    import torch
+
+    device = model.get_input_embeddings().weight.device
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **_keep_last(model, 1))
+    return out.past_key_values
+
+
+def score_after_prefix(model, cache, prefix_length: int, suffixes: list[list[int]], letter_ids: list[list[int]],
+                       tokenizer=None) -> list[list[float]]:
+    """One forward per question over the tokens after a shared prefix whose cache is given: the 4 letters' log-probs.
+
+    The suffixes are left-padded, so the padding sits between the prefix and each suffix; the attention mask
+    hides it and the positions continue from the prefix, so every row sees exactly prefix + its own suffix.
+    """
+    import copy
+
+    import torch
+
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((len(suffixes), width), _pad_id(tokenizer), dtype=torch.long)
+    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for row, suffix in enumerate(suffixes):
+        ids[row, width - len(suffix):] = torch.tensor(suffix)
+        suffix_mask[row, width - len(suffix):] = 1
+    mask = torch.cat([torch.ones((len(suffixes), prefix_length), dtype=torch.long), suffix_mask], dim=1)
+    positions = prefix_length + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+    device = model.get_input_embeddings().weight.device
+    with torch.inference_mode():
+        past = copy.deepcopy(cache)  # the forward appends to the cache it is given; the prefix's stays as it is
+        past.batch_repeat_interleave(len(suffixes))
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       past_key_values=past, use_cache=True, **_keep_last(model, 1)).logits[:, -1, :]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(1, torch.tensor(letter_ids, device=logprobs.device)).tolist()
+
+
+def _group_by_prefix(tokenizer, questions: Sequence[dict], prompts: list[str], requests: list, indices: list[int]):
+    """({shared ids: question indices}, the rest): each question's tokens up to where its header and shots end.
+
+    The shared part is the longest run of the question's own tokens that the header-and-shots text alone also
+    gives, so a token merged across the boundary (e.g. the shots' closing blank line with the question's first
+    character) stays with the question. A prompt cut from the left shares nothing and keeps the plain path.
+    """
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    encoded: dict[str, list[int]] = {}
+    rest = []
+    for i in indices:
+        text = prompts[i][: len(prompts[i]) - len(format_question(questions[i]))]
+        if text not in encoded:
+            encoded[text] = tokenizer(text)["input_ids"]
+        prefix, context = encoded[text], requests[i][0]
+        same = next((j for j, (a, b) in enumerate(zip(prefix, context)) if a != b), min(len(prefix), len(context)))
+        same = min(same, len(context) - 1)  # at least the last token goes through the question's own forward
+        if same >= max(1, len(prefix) - 2):
+            groups[tuple(context[:same])].append(i)
+        else:
+            rest.append(i)
+    return dict(groups), rest
+
+
+def _keep_last(model, keep: int) -> dict:
+    """The forward argument that limits the logits to the last `keep` positions, when the model has one."""
+    params = _forward_parameters(model)
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: keep}
+    return {}
+
+
 def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int):
     """Float32 log-softmax over the vocabulary of the last `keep` positions of left-padded sequences."""
     import torch
@@ -314,13 +407,9 @@ def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int):
         mask[row, width - len(seq):] = 1
     device = model.get_input_embeddings().weight.device
     kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    params = _forward_parameters(model)
-    if "position_ids" in params:  # positions count real tokens only, so left padding does not shift them
+    if "position_ids" in _forward_parameters(model):  # positions count real tokens only: left padding shifts nothing
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            kwargs[name] = keep
-            break
+    kwargs.update(_keep_last(model, keep))
     with torch.inference_mode():
         logits = model(**kwargs).logits[:, -keep:, :]
     return torch.log_softmax(logits.float(), dim=-1)

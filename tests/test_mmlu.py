@@ -1,5 +1,6 @@
 """Tests for scripts/mmlu.py: CSV loading and errors, the harness prompt, log-likelihood scoring on tiny models."""
 import csv
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -212,6 +213,42 @@ def test_batching_with_left_padding_gives_the_one_by_one_answers(setup, request,
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in one_by_one]
     for a, b in zip(batched, one_by_one):
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+
+
+class ForwardSpy:
+    """Wraps a model's forward: records (rows, tokens fed, whether a key/value cache came in) per call."""
+
+    def __init__(self, model):
+        self.model, self.inner, self.calls = model, model.forward, []
+
+    def __enter__(self):
+        @functools.wraps(self.inner)  # keeps the signature, which the scoring code inspects
+        def forward(*args, **kwargs):
+            ids = kwargs["input_ids"]
+            self.calls.append((ids.shape[0], ids.numel(), kwargs.get("past_key_values") is not None))
+            return self.inner(*args, **kwargs)
+
+        self.model.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.forward
+
+
+def test_shared_prefix_gives_the_plain_scores_with_far_fewer_tokens(letter_setup, mmlu_dir):
+    model, tokenizer = letter_setup
+    questions, dev = load_mmlu(mmlu_dir, per_subject=6, seed=2), load_mmlu(mmlu_dir, "dev")
+    with ForwardSpy(model) as plain_spy:
+        plain = evaluate_mmlu(model, tokenizer, questions, dev, k_shot=4, batch_size=4, share_prefix=False)
+    with ForwardSpy(model) as shared_spy:
+        shared = evaluate_mmlu(model, tokenizer, questions, dev, k_shot=4, batch_size=4)
+    assert [r["prediction"] for r in shared] == [r["prediction"] for r in plain]
+    for a, b in zip(shared, plain):
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+    prefix_runs = [c for c in shared_spy.calls if c[0] == 1 and not c[2]]
+    assert len(prefix_runs) == len(SUBJECTS)  # header and shots go through the model once per subject
+    assert all(c[2] for c in shared_spy.calls if c not in prefix_runs)  # every question batch starts from a cache
+    assert sum(c[1] for c in shared_spy.calls) < 0.5 * sum(c[1] for c in plain_spy.calls)
 
 
 def test_done_receives_every_row_once(letter_setup, mmlu_dir):
