@@ -485,9 +485,10 @@ def _run_mmlu(stage: str, settings, store, models, adapter: str | None) -> dict 
     """Load the questions, evaluate what the store does not hold yet, and summarize.
 
     With several processes (scripts/distributed.py) each evaluates its share of the questions left to do; the
-    main process (the only one with a store) stores the gathered answers and returns the summary, the others None.
+    main process (the only one with a store) stores the gathered answers and returns the summary, the others None
+    (they keep their answers in a Spool until then, so an interruption loses none).
     """
-    from scripts.store import data_fingerprint
+    from scripts.store import Spool, data_fingerprint
 
     questions = load_mmlu(settings.path_mmlu, "test", per_subject=settings.mmlu_per_subject, seed=settings.seed)
     dev = load_mmlu(settings.path_mmlu, "dev") if settings.mmlu_k_shot > 0 else []
@@ -500,24 +501,32 @@ def _run_mmlu(stage: str, settings, store, models, adapter: str | None) -> dict 
             data_fingerprint=data_fingerprint([[q["subject"], q["index"], q["question"]] for q in questions]),
         )
         redo = getattr(settings, "force", False)  # --force scores every question again
+        spool = Spool(settings.db_path, "mmlu", run_id)
+        recovered = [] if redo else spool.read()  # what other processes scored before an interruption
+        if recovered:
+            store.add_mmlu(run_id, recovered)
+        spool.clear()
         stored = {} if redo else {(r["subject"], r["index"]): r for r in store.mmlu_rows(run_id)}
         todo = [q for q in questions if (q["subject"], q["index"]) not in stored]
         if stored:
             log.info("%s: resuming, %d of %d answers already in the store", stage, len(questions) - len(todo),
                      len(questions))
-    todo = distributed.broadcast(todo)
+    run_id, todo = distributed.broadcast((run_id, todo))
+    spool = Spool(settings.db_path, "mmlu", run_id)
     start = time.perf_counter()
     if todo:
         model, tokenizer = models.get(adapter)
         mine = [todo[i] for i in distributed.shard(len(todo))]
         rows = evaluate_mmlu(model, tokenizer, mine, dev, k_shot=settings.mmlu_k_shot,
                              batch_size=settings.eval_batch_size,
-                             done=lambda rows: store.add_mmlu(run_id, rows) if store is not None else None)
+                             done=lambda rows: store.add_mmlu(run_id, rows) if store is not None
+                             else spool.append(distributed.rank(), rows))
         shares = distributed.gather(rows)
         if shares is None:
             return None
         for share in shares[1:]:  # the other processes' answers (the main process stored its own batch by batch)
             store.add_mmlu(run_id, share)
+        spool.clear()
     elif not distributed.is_main():
         return None
     by_key = {(r["subject"], r["index"]): r for r in store.mmlu_rows(run_id)}

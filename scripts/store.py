@@ -226,3 +226,45 @@ class ResultsStore:
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict]:
         """Any read query, as a list of dicts."""
         return [dict(row) for row in self._conn.execute(sql, tuple(params)).fetchall()]
+
+
+class Spool:
+    """Answers the other processes of a launch made but have not yet handed over: one JSONL file per process.
+
+    The main process alone writes the store, so if a launch is interrupted mid-stage the others' answers would be
+    lost. Each of them appends its rows here batch by batch (next to DB_PATH, in `<DB_PATH>.spool/`); the main
+    process moves the run's files into the store when the stage starts again, and clears them once it has gathered
+    the answers.
+    """
+
+    def __init__(self, db_path: Path | str, kind: str, run_id: int) -> None:
+        self.folder = Path(f"{db_path}.spool")
+        self.prefix = f"{kind}-run{run_id}-rank"
+
+    def append(self, rank: int, rows: list[dict]) -> None:
+        """Add one batch of a process's rows."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"{self.prefix}{rank}.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def files(self) -> list[Path]:
+        """This run's spool files, one per process that wrote any."""
+        return sorted(self.folder.glob(f"{self.prefix}*.jsonl")) if self.folder.is_dir() else []
+
+    def read(self) -> list[dict]:
+        """Every row spooled for this run (a last line cut off by the interruption is left out: it is redone)."""
+        rows, cut = [], 0
+        for file in self.files():
+            for line in file.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    cut += 1
+        if cut:
+            log.warning("spool %s: %d incomplete line(s) left out; those answers are made again", self.folder, cut)
+        return rows
+
+    def clear(self) -> None:
+        """Remove this run's files (their rows are in the store)."""
+        for file in self.files():
+            file.unlink()

@@ -16,7 +16,8 @@ What is compared, and why:
 - Training: two processes are DDP, each step sees twice the examples (so the adapters differ). Checked: the run
   finished the configured steps at twice the epoch of the single-process run; its adapter's EX and MMLU cover every
   example and question; the regression and the report were written.
-- The store: the same runs in both, no duplicated (run, example) or (run, question) row, one row per example.
+- The store: the same runs in both, no duplicated (run, example) or (run, question) row, one row per example;
+  the second process's spool (its answers kept until the main process has them) is used and left empty.
 """
 from __future__ import annotations
 
@@ -143,6 +144,10 @@ def test_two_processes_match_one_and_store_no_duplicates(inputs, tmp_path):
     assert two["best_mmlu"]["count"] == 18 and len(b["mmlu"]["mmlu_best"]) == 18
     assert two["regression"] is not None
     assert (tmp_path / "two/results/report.md").is_file()
+    # the second process spooled its answers batch by batch (safe from an interruption); all were handed over
+    spool = tmp_path / "two/results/results.sqlite.spool"
+    assert spool.is_dir() and not list(spool.iterdir())
+    assert not (tmp_path / "one/results/results.sqlite.spool").exists()  # one process: the store alone
 
 
 def test_one_process_helpers_are_no_ops(monkeypatch):

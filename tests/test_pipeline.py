@@ -345,6 +345,34 @@ def test_interrupted_run_resumes_where_it_stopped(full_run, inputs, tmp_path, mo
     assert len(dump["runs"]) == 5 and len(dump["sql"]) == 3 * N_EVAL and len(dump["mmlu"]) == 2 * N_MMLU
 
 
+def test_answers_other_processes_spooled_before_an_interruption_are_recovered(full_run, inputs, tmp_path,
+                                                                               monkeypatch, caplog):
+    """Under accelerate launch the other processes spool their answers (the main process alone writes the store):
+    after an interruption, the next run moves them into the store instead of generating or scoring them again."""
+    from scripts.store import ResultsStore, Spool
+
+    with ResultsStore(full_run["root"] / "store" / "results.sqlite") as store:
+        runs = {r["kind"]: r["id"] for r in store.runs()}
+        sql, mmlu = store.sql_rows(runs["baseline_ex"]), store.mmlu_rows(runs["baseline_mmlu"])
+    db = tmp_path / "store" / "results.sqlite"
+    # a fresh store numbers the runs in stage order, as the full run did
+    sql_spool, mmlu_spool = Spool(db, "sql", runs["baseline_ex"]), Spool(db, "mmlu", runs["baseline_mmlu"])
+    sql_spool.append(1, sql[:6])
+    mmlu_spool.append(1, mmlu[:5])
+    with open(sql_spool.files()[0], "a") as f:
+        f.write('{"example_key": "cut off by the interrupt')  # a last line cut in half is left out and redone
+
+    status, probe = run_main(tmp_path, inputs, monkeypatch, "--stages", "data,baseline_ex,baseline_mmlu")
+    assert status == 0
+    assert probe.generated == N_EVAL - 6 and probe.mmlu_scored == N_MMLU - 5
+    assert "1 incomplete line(s) left out" in caplog.text
+    assert not sql_spool.files() and not mmlu_spool.files()
+    for stage in ("baseline_ex", "baseline_mmlu"):  # the uninterrupted run's results
+        ours, theirs = (json.loads((root / "results" / "stages" / f"{stage}.json").read_text())["result"]
+                        for root in (tmp_path, full_run["root"]))
+        assert {k: v for k, v in ours.items() if k != "seconds"} == {k: v for k, v in theirs.items() if k != "seconds"}
+
+
 @pytest.mark.parametrize("extra, fix, before_any_model", [
     (("--spider-zip", "nowhere/spider_data.zip"), "set PATH_SPIDER_ZIP (or --spider-zip)", True),
     (("--training-configs", '[{"lr": 0.1}]'), "unknown key(s) ['lr']; allowed keys: learning_rate", True),
