@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 
@@ -10,3 +11,16 @@ def save_json(out: Path | None, name: str, data) -> None:
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(json.dumps(data, indent=1))
+
+
+def timed(fn):
+    """(fn(), seconds), the GPU synchronised on both ends."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start

@@ -7,12 +7,9 @@ many answers are identical to the reference's (greedy decoding in other batch sh
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-import torch
-
-from bench import save_json
+from bench import save_json, timed
 from scripts.evaluate import build_prompts, generate
 from scripts.models import load_model_and_tokenizer
 from scripts.spider_data import load_split, prepare_spider
@@ -46,10 +43,8 @@ def main() -> None:
     for name, (batch_size, extra) in VARIANTS.items():
         if only and not any(o in name for o in only) and name != next(iter(VARIANTS)):
             continue
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        start = time.perf_counter()
-        texts = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=args.max_new_tokens, **extra)
-        seconds = time.perf_counter() - start
+        texts, seconds = timed(lambda: generate(model, tokenizer, prompts, batch_size=batch_size,
+                                                max_new_tokens=args.max_new_tokens, **extra))
         reference = reference or (texts, seconds)
         same = sum(a == b for a, b in zip(texts, reference[0]))
         rows.append({"variant": name, "seconds": round(seconds, 2), "ratio": reference[1] / seconds,

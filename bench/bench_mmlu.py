@@ -10,12 +10,9 @@ questions each predicts the same letter as the reference.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-import torch
-
-from bench import save_json
+from bench import save_json, timed
 from scripts.mmlu import (
     LETTERS,
     build_prompt,
@@ -48,17 +45,6 @@ def reference_predictions(model, tokenizer, questions: list[dict], dev: list[dic
 def _accuracy(predictions: list[str], answers: list[str]) -> float:
     """Share of predictions equal to the answers."""
     return sum(p == a for p, a in zip(predictions, answers)) / len(answers)
-
-
-def timed(fn):
-    """(result, seconds) of fn(), the GPU synchronised on both ends."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
 
 
 def main() -> None:

@@ -501,11 +501,8 @@ def _run_mmlu(stage: str, settings, store, models, adapter: str | None) -> dict 
             data_fingerprint=data_fingerprint([[q["subject"], q["index"], q["question"]] for q in questions]),
         )
         redo = getattr(settings, "force", False)  # --force scores every question again
-        spool = Spool(settings.db_path, "mmlu", run_id)
-        recovered = [] if redo else spool.read()  # what other processes scored before an interruption
-        if recovered:
-            store.add_mmlu(run_id, recovered)
-        spool.clear()
+        # what other processes scored before an interruption
+        Spool(settings.db_path, "mmlu", run_id).drain(lambda rows: store.add_mmlu(run_id, rows), resume=not redo)
         stored = {} if redo else {(r["subject"], r["index"]): r for r in store.mmlu_rows(run_id)}
         todo = [q for q in questions if (q["subject"], q["index"]) not in stored]
         if stored:

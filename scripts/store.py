@@ -36,7 +36,7 @@ import re
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from scripts.errors import UserError
 
@@ -268,3 +268,11 @@ class Spool:
         """Remove this run's files (their rows are in the store)."""
         for file in self.files():
             file.unlink()
+
+    def drain(self, add: Callable[[list[dict]], None], resume: bool = True) -> int:
+        """Hand the spooled rows to `add` (unless not resuming: then they are dropped), clear; how many there were."""
+        rows = self.read() if resume else []
+        if rows:
+            add(rows)
+        self.clear()
+        return len(rows)
