@@ -322,10 +322,12 @@ def _token(token: str | None) -> str | None:
     return token or os.environ.get("HF_TOKEN") or None
 
 
-def _model_kwargs(quantization: str, cuda: bool) -> dict:
-    """from_pretrained kwargs for "4bit" or "none" on this machine."""
+def _model_kwargs(quantization: str, cuda: bool, attn_implementation: str | None = None) -> dict:
+    """from_pretrained kwargs for "4bit" or "none" on this machine (and an attention implementation, if given)."""
     dtype = compute_dtype(cuda)
     kwargs: dict = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if cuda:  # the whole model on one GPU: this process's own under accelerate launch (data parallel)
         kwargs["device_map"] = {"": distributed.local_rank() if distributed.launched() else torch.cuda.current_device()}
     if quantization == "4bit":
@@ -358,10 +360,12 @@ def load_model_and_tokenizer(
     gradient_checkpointing: bool = False,
     use_fast: bool | None = None,
     cache_dir: Path = DEFAULT_CACHE_DIR,
+    attn_implementation: str | None = None,
 ):
     """(model, tokenizer) for a Hub id, local folder or .gguf; 4-bit NF4 or full precision; optional PEFT adapter.
 
-    The tokenizer has a pad token and padding_side="left". For training with 4-bit the model goes through
+    The tokenizer has a pad token and padding_side="left"; attn_implementation (e.g. "eager") overrides the model's
+    default attention. For training with 4-bit the model goes through
     peft.prepare_model_for_kbit_training (gradient checkpointing as given); otherwise the model is in eval mode.
     """
     from transformers import AutoModelForCausalLM
@@ -376,7 +380,8 @@ def load_model_and_tokenizer(
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
     with hub_errors(str(model_id)):
-        model = AutoModelForCausalLM.from_pretrained(source.path, token=token, **_model_kwargs(chosen, cuda))
+        model = AutoModelForCausalLM.from_pretrained(source.path, token=token,
+                                                     **_model_kwargs(chosen, cuda, attn_implementation))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if for_training and chosen == "4bit":

@@ -56,13 +56,15 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "lora_dropout": 0.05,
     "logging_steps": 10,
     "save_steps": 100,  # checkpoint every N steps (resume point)
+    "attn_implementation": "auto",  # "auto" = the model's default (sdpa); "eager" where sdpa's backward gives NaN
 }
+ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 _NUMBER, _INT, _BOOL, _STR = "a number", "an integer", "a boolean", "a string"
 _KEY_TYPES = {
     "learning_rate": _NUMBER, "num_train_epochs": _NUMBER, "max_steps": _INT, "per_device_train_batch_size": _INT,
     "gradient_accumulation_steps": _INT, "max_length": _INT, "warmup_ratio": _NUMBER, "lr_scheduler_type": _STR,
     "seed": _INT, "gradient_checkpointing": _BOOL, "packing": _BOOL, "lora_r": _INT, "lora_alpha": _NUMBER,
-    "lora_dropout": _NUMBER, "logging_steps": _INT, "save_steps": _INT,
+    "lora_dropout": _NUMBER, "logging_steps": _INT, "save_steps": _INT, "attn_implementation": _STR,
 }
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -78,6 +80,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logging_steps": (lambda v: v >= 1, ">= 1"),
     "save_steps": (lambda v: v >= 1, ">= 1"),
     "seed": (lambda v: v >= 0, ">= 0"),
+    "attn_implementation": (lambda v: v in ATTENTION, f"one of {ATTENTION}"),
 }
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
@@ -120,10 +123,15 @@ def validate_training_configs(configs: Any, seed: int = 0) -> list[dict]:
     return resolved
 
 
+_ADDED_LATER = ("attn_implementation",)
+
+
 def run_name(base_model_id: str, config: dict, data_fingerprint: str | None) -> str:
     """`<model>-<10 hex>`: stable for the same base model, resolved config and train data."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(base_model_id).rstrip("/")).name).strip("-.").lower()[:40] or "model"
-    text = json.dumps([str(base_model_id), config, data_fingerprint], sort_keys=True)
+    # a key added later stays out of the name while it has its default, so earlier runs keep their names
+    named = {k: v for k, v in config.items() if not (k in _ADDED_LATER and v == TRAINING_DEFAULTS[k])}
+    text = json.dumps([str(base_model_id), named, data_fingerprint], sort_keys=True)
     return f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
 
@@ -231,8 +239,9 @@ class QLoRATrainer:
                                                   "quantization": self.quantization,
                                                   "data_fingerprint": data_fingerprint, "training": config})
         distributed.barrier()  # the run folder is ready (and a forced rerun's old one gone) before anyone reads it
+        attention = {} if config["attn_implementation"] == "auto" else {"attn_implementation": config["attn_implementation"]}
         model, tokenizer = self.loader(self.base_model_id, quantization=self.quantization, token=self._token,
-                                       for_training=True)
+                                       for_training=True, **attention)
         tokenizer.padding_side = "right"
         if tokenizer.pad_token is None:  # base models: pad positions get label -100, so eos is a safe pad
             tokenizer.pad_token = tokenizer.eos_token
@@ -261,7 +270,7 @@ class QLoRATrainer:
             train_dataset=train_data,
             processing_class=tokenizer,
             peft_config=_lora_config(config),
-            callbacks=[session, *self.callbacks],
+            callbacks=[session, _StopOnNonFiniteGradients(run_dir.name), *self.callbacks],
         )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -326,6 +335,25 @@ class _SessionStats(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
             _write_json(folder / ELAPSED_FILE, {"seconds": round(self.seconds(), 3), "step": state.global_step})
+
+
+class _StopOnNonFiniteGradients(TrainerCallback):
+    """Trainer callback: stop the run before an optimizer step would write NaN or inf into the adapter."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+        import torch
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            raise UserError(
+                f"run {self.run}: the gradients of step {state.global_step + 1} are not finite (NaN or inf), so "
+                "training stopped before they reached the adapter; its checkpoints are from earlier steps. A known "
+                "cause is PyTorch's memory-efficient attention backward on padded batches (pytorch/pytorch#178251): "
+                'add "attn_implementation": "eager" to this TRAINING_CONFIGS entry (a new run), or lower its '
+                "learning_rate")
 
 
 def _seconds_up_to(checkpoint: str | None) -> float:

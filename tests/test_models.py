@@ -93,6 +93,14 @@ def test_local_folder_load_matches_saved_model(tmp_path):
     assert torch.allclose(_logits(model, tokenizer), _logits(reference, tokenizer), atol=1e-6)
 
 
+def test_attention_implementation_is_passed_to_the_model(tmp_path):
+    folder = save_tiny_model(tmp_path / "m", "chatml")
+    default, _ = load_model_and_tokenizer(str(folder), quantization="none", cache_dir=tmp_path / "cache")
+    eager, _ = load_model_and_tokenizer(str(folder), quantization="none", cache_dir=tmp_path / "cache",
+                                        attn_implementation="eager")
+    assert default.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+
+
 def test_pad_token_set_without_resizing(tmp_path):
     folder = save_tiny_model(tmp_path / "m", "base")  # no pad token, has <unk>
     vocab_before = len(build_tokenizer("base"))

@@ -36,11 +36,30 @@ class TinyLoader:
     def __init__(self, kind: str = "chatml", arch: str = "llama") -> None:
         self.kind, self.arch, self.calls = kind, arch, 0
 
-    def __call__(self, model_id, *, quantization, token, for_training):
+    def __call__(self, model_id, *, quantization, token, for_training, **extra):
         assert for_training is True
-        self.calls += 1
+        self.calls, self.extra = self.calls + 1, extra
         tokenizer = build_tokenizer(self.kind)
         return build_tiny_model(tokenizer, arch=self.arch, seed=0, initializer_range=INIT_RANGE), tokenizer
+
+
+class NaNAtStep(TinyLoader):
+    """A tiny model whose embedding output turns NaN on the given training step (forward call)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__("chatml")
+        self.step = step
+
+    def __call__(self, model_id, **kwargs):
+        model, tokenizer = super().__call__(model_id, **kwargs)
+        calls = []
+
+        def poison(module, inputs, output):
+            calls.append(1)
+            return output * float("nan") if len(calls) == self.step else output
+
+        model.get_input_embeddings().register_forward_hook(poison)
+        return model, tokenizer
 
 
 def config(**overrides) -> dict:
@@ -71,6 +90,9 @@ def test_validation_fills_defaults_and_rejects_bad_entries():
         validate_training_configs([{"lr_scheduler_type": "cosinus"}])
     with pytest.raises(UserError, match="non-empty list"):
         validate_training_configs([])
+    assert validate_training_configs([{"attn_implementation": "eager"}])[0]["attn_implementation"] == "eager"
+    with pytest.raises(UserError, match=r"attn_implementation'\] must be one of \('auto', 'eager'"):
+        validate_training_configs([{"attn_implementation": "fast"}])
 
 
 def test_run_name_is_stable_and_follows_config_model_and_data():
@@ -79,6 +101,34 @@ def test_run_name_is_stable_and_follows_config_model_and_data():
     assert a != run_name("org/My-Model", config(learning_rate=2e-2), "data1")
     assert a != run_name("org/My-Model", config(), "data2")
     assert a != run_name("org/Other", config(), "data1")
+    # attn_implementation came later: at its default it leaves the name of a run of an earlier version as it was
+    earlier = {k: v for k, v in config().items() if k != "attn_implementation"}
+    assert a == run_name("org/My-Model", earlier, "data1")
+    assert a != run_name("org/My-Model", config(attn_implementation="eager"), "data1")
+
+
+def test_attention_implementation_reaches_the_loader(tmp_path):
+    loader = TinyLoader("chatml")
+    QLoRATrainer("tiny/chatml", tmp_path, loader=loader).train(config(max_steps=1), sft_rows(build_tokenizer("chatml")))
+    assert loader.extra == {}  # "auto": the loader's (and model's) default
+    QLoRATrainer("tiny/chatml", tmp_path, loader=loader).train(config(max_steps=1, attn_implementation="eager"),
+                                                               sft_rows(build_tokenizer("chatml")))
+    assert loader.extra == {"attn_implementation": "eager"}
+
+
+def test_non_finite_gradients_stop_the_run_before_the_adapter_changes(tmp_path):
+    """NaN at step 3: a clear error naming the step and the fix; the step-2 checkpoint holds finite weights only."""
+    from safetensors.torch import load_file
+
+    cfg = config(max_steps=6, save_steps=2)
+    trainer = QLoRATrainer("tiny/chatml", tmp_path, loader=NaNAtStep(3))
+    with pytest.raises(UserError, match=r"gradients of step 3 are not finite.*\"attn_implementation\": \"eager\""):
+        trainer.train(cfg, sft_rows(build_tokenizer("chatml")), "data")
+    run_dir = trainer.run_dir(cfg, "data")
+    assert QLoRATrainer.completed(run_dir) is None and not (run_dir / "adapter").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    weights = load_file(run_dir / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
 
 
 @pytest.mark.parametrize("kind", ["chatml", "base"])
