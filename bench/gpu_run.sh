@@ -18,4 +18,7 @@ echo "wall: $(( $(date +%s) - start )) s (${LAUNCH:-python3})" | tee -a "$log"
 for f in report.md results.json; do
   [ -f "$results/$f" ] && cp "$results/$f" "${OUT:-/tmp}/$(basename "$results")_$f"
 done
+# the store, stage results, logs and plots (not the checkpoints, adapters or data sets): what a lost machine would lose
+[ -d "$results" ] && tar czf "${OUT:-/tmp}/$(basename "$results")_state.tgz" --exclude=checkpoints --exclude=adapter \
+  --exclude='*.jsonl' -C "$results" .
 exit 0
