@@ -16,6 +16,7 @@ from bench import save_json, timed
 from scripts.mmlu import (
     LETTERS,
     build_prompt,
+    encode_all_requests,
     encode_requests,
     evaluate_mmlu,
     load_mmlu,
@@ -42,6 +43,30 @@ def reference_predictions(model, tokenizer, questions: list[dict], dev: list[dic
     return predictions
 
 
+def harness_split(tokenizer, prompt: str) -> tuple[list[int], list[list[int]]]:
+    """The harness's way, five tokenizer calls per prompt: the context, then context + each letter, keeping the tail."""
+    context = tokenizer(prompt)["input_ids"]
+    continuations = []
+    for letter in LETTERS:
+        whole = tokenizer(prompt + " " + letter)["input_ids"]
+        merged = not (whole[: len(context)] == context and len(whole) > len(context))
+        continuations.append(tokenizer(" " + letter, add_special_tokens=False)["input_ids"] if merged
+                             else whole[len(context):])
+    return context, continuations
+
+
+def tokenization_rows(tokenizer, questions: list[dict], dev: list[dict], k_shot: int) -> list[dict]:
+    """Seconds to tokenize every prompt and its four letter endings: five calls per prompt against batched calls."""
+    shots = shots_by_subject(dev)
+    prompts = [build_prompt(q, shots_for(q, shots, k_shot)) for q in questions]
+    one_by_one, ref_seconds = timed(lambda: [harness_split(tokenizer, p) for p in prompts])
+    batched, seconds = timed(lambda: encode_all_requests(tokenizer, prompts))
+    assert batched == one_by_one, "batched tokenization differs from one call per text"
+    return [{"variant": "tokenize: 5 calls per prompt", "seconds": round(ref_seconds, 2), "ratio": 1.0},
+            {"variant": "tokenize: batches of 256 prompts", "seconds": round(seconds, 2),
+             "ratio": round(ref_seconds / seconds, 2)}]
+
+
 def _accuracy(predictions: list[str], answers: list[str]) -> float:
     """Share of predictions equal to the answers."""
     return sum(p == a for p, a in zip(predictions, answers)) / len(answers)
@@ -64,6 +89,9 @@ def main() -> None:
     dev = load_mmlu(args.mmlu_dir, "dev", subjects=subjects)
     model, tokenizer = load_model_and_tokenizer(args.model, quantization=args.quantization)
     answers = [q["answer"] for q in questions]
+    tokenization = tokenization_rows(tokenizer, questions, dev, args.k_shot)
+    for r in tokenization:
+        print(f"prompt tokenization, {r['variant']:35} {r['seconds']:6.2f} s {r['ratio']:6.2f}x", flush=True)
 
     reference, ref_seconds = timed(lambda: reference_predictions(model, tokenizer, questions, dev, args.k_shot,
                                                                  args.batch_size))
@@ -76,9 +104,10 @@ def main() -> None:
         rows.append({"variant": name, "seconds": round(seconds, 2), "ratio": round(ref_seconds / seconds, 2),
                      "accuracy": _accuracy(predictions, answers),
                      "same_prediction": sum(a == b for a, b in zip(reference, predictions))})
+    rows = tokenization + rows
     print(f"{len(questions)} MMLU questions, {args.k_shot}-shot, batches of {args.batch_size} sequences")
     print(f"{'variant':40} {'seconds':>8} {'speed-up':>8} {'accuracy':>8} {'same letter':>12}")
-    for r in rows:
+    for r in rows[len(tokenization):]:
         print(f"{r['variant']:40} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['accuracy']:8.4f} "
               f"{r['same_prediction']:>6}/{len(questions)}")
     save_json(args.out, "bench_mmlu.json", rows)

@@ -12,6 +12,7 @@ from scripts.errors import UserError
 from scripts.mmlu import (
     LETTERS,
     build_prompt,
+    encode_all_requests,
     encode_requests,
     evaluate_mmlu,
     load_mmlu,
@@ -258,6 +259,38 @@ def test_done_receives_every_row_once(letter_setup, mmlu_dir):
     rows = evaluate_mmlu(model, tokenizer, questions, load_mmlu(mmlu_dir, "dev"), k_shot=0, batch_size=5, done=received.extend)
     assert sorted((r["subject"], r["index"]) for r in received) == sorted((r["subject"], r["index"]) for r in rows)
     assert len(received) == 16
+
+
+def _merging_tokenizer() -> PreTrainedTokenizerFast:
+    """Character BPE without pre-tokenization whose merges fold ": A" into one token, as SentencePiece vocabularies can."""
+    chars = sorted(set("Answer:BCD Q?xyz\n"))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({": ": len(vocab), ": A": len(vocab) + 1})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(":", " "), (": ", "A")]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def _harness_split(tokenizer, prompt: str) -> tuple[list[int], list[list[int]]]:
+    """The lm-evaluation-harness rule, one prompt at a time: tokenize context and context + letter, keep the tail."""
+    context = tokenizer(prompt)["input_ids"]
+    continuations = []
+    for letter in "ABCD":
+        whole = tokenizer(prompt + " " + letter)["input_ids"]
+        ok = whole[: len(context)] == context and len(whole) > len(context)
+        continuations.append(whole[len(context):] if ok else tokenizer(" " + letter, add_special_tokens=False)["input_ids"])
+    return context, continuations
+
+
+@pytest.mark.parametrize("make", [_merging_tokenizer, lambda: build_tokenizer("chatml")])
+def test_batched_encoding_equals_the_harness_split_one_prompt_at_a_time(make):
+    tokenizer = make()
+    prompts = [f"Q{'x' * i}?\nAnswer:" for i in range(7)] + ["Q?\nAnswer: ", "Qyz?\nAnswer:\n"]
+    expected = [_harness_split(tokenizer, p) for p in prompts]
+    assert encode_all_requests(tokenizer, prompts, chunk=4) == expected  # chunks of 4, 4 and 1
+    assert [encode_requests(tokenizer, p) for p in prompts] == expected
+    if make is _merging_tokenizer:  # ": A" is one token, so context + " A" does not start with the context
+        context = tokenizer(prompts[0])["input_ids"]
+        assert tokenizer(prompts[0] + " A")["input_ids"][: len(context)] != context
 
 
 def test_long_prompts_are_cut_from_the_left(letter_setup, mmlu_dir):
