@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from bench.bench_mmlu import harness_split
 from scripts.errors import UserError
 from scripts.mmlu import (
     LETTERS,
@@ -270,22 +271,11 @@ def _merging_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def _harness_split(tokenizer, prompt: str) -> tuple[list[int], list[list[int]]]:
-    """The lm-evaluation-harness rule, one prompt at a time: tokenize context and context + letter, keep the tail."""
-    context = tokenizer(prompt)["input_ids"]
-    continuations = []
-    for letter in "ABCD":
-        whole = tokenizer(prompt + " " + letter)["input_ids"]
-        ok = whole[: len(context)] == context and len(whole) > len(context)
-        continuations.append(whole[len(context):] if ok else tokenizer(" " + letter, add_special_tokens=False)["input_ids"])
-    return context, continuations
-
-
 @pytest.mark.parametrize("make", [_merging_tokenizer, lambda: build_tokenizer("chatml")])
 def test_batched_encoding_equals_the_harness_split_one_prompt_at_a_time(make):
     tokenizer = make()
     prompts = [f"Q{'x' * i}?\nAnswer:" for i in range(7)] + ["Q?\nAnswer: ", "Qyz?\nAnswer:\n"]
-    expected = [_harness_split(tokenizer, p) for p in prompts]
+    expected = [harness_split(tokenizer, p) for p in prompts]  # the harness's rule, one prompt at a time
     assert encode_all_requests(tokenizer, prompts, chunk=4) == expected  # chunks of 4, 4 and 1
     assert [encode_requests(tokenizer, p) for p in prompts] == expected
     if make is _merging_tokenizer:  # ": A" is one token, so context + " A" does not start with the context
