@@ -1,10 +1,14 @@
 """Benchmark of QLoRA training throughput: TRAINING_CONFIGS levers against the naive reference, in one process.
 
-Usage: python -m bench.bench_training MODEL FT_DATASET.jsonl [--steps N] [--attn-implementation eager] [--out DIR]
-The reference is TRL SFTTrainer's usual QLoRA recipe (batch 16, gradient checkpointing, no packing); each lever
-changes one thing. Printed per variant: answer+prompt tokens/s, the ratio to the reference, model FLOPs
-utilisation (6 x trainable-path parameters x tokens / time / peak bf16 FLOP/s), peak memory, and the loss.
-A variant that runs out of GPU memory is reported as such and the others go on; the table is saved after each.
+Usage: python -m bench.bench_training MODEL FT_DATASET.jsonl [--steps N] [--only PARTS] [--attn-implementation eager]
+    [--out DIR]
+The reference is TRL SFTTrainer's usual QLoRA recipe (batch 16, gradient checkpointing, no packing, the model's
+default attention); each lever changes one or two things. Every variant trains on the same STEPS x 16 examples
+(a batch of 8 takes twice the steps), so the losses compare after the same answer tokens (packing excepted: a
+packed sequence holds several examples). Printed per variant: prompt+answer tokens/s, the ratio to the reference,
+model FLOPs utilisation (6 x parameters x tokens / time / peak bf16 FLOP/s), peak memory, and the loss. A variant
+that runs out of GPU memory or whose gradients turn non-finite is reported as such and the others go on; the
+table is saved after each.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from bench import save_json
+from scripts.errors import UserError
 from scripts.pre_proc import load_jsonl
 from scripts.training import QLoRATrainer, validate_training_configs
 
@@ -25,7 +30,14 @@ LEVERS = {
     "no checkpointing": {"gradient_checkpointing": False},
     "no checkpointing, batch 32": {"gradient_checkpointing": False, "per_device_train_batch_size": 32},
     "no checkpointing, packing": {"gradient_checkpointing": False, "packing": True},
+    "no checkpointing, batch 8": {"gradient_checkpointing": False, "per_device_train_batch_size": 8},
+    "no checkpointing, batch 8, eager attention": {"gradient_checkpointing": False, "per_device_train_batch_size": 8,
+                                                   "attn_implementation": "eager"},
+    # one example per forward: no padding, so sdpa runs unmasked (causal) attention
+    "no checkpointing, batch 1 x 16 accumulation": {"gradient_checkpointing": False, "per_device_train_batch_size": 1,
+                                                    "gradient_accumulation_steps": 16},
 }
+REFERENCE_EXAMPLES_PER_STEP = 16
 
 
 def count_parameters(model_id: str) -> int:
@@ -43,39 +55,56 @@ def main() -> None:
     p.add_argument("dataset", type=Path)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--max-length", type=int, default=1536)
-    p.add_argument("--attn-implementation", default="auto", help="for every variant (TRAINING_CONFIGS key)")
+    p.add_argument("--only", default="", help="comma-separated parts of lever names to run besides the reference")
+    p.add_argument("--attn-implementation", default="auto", help="for every variant that does not set its own")
     p.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
     args = p.parse_args()
     data = load_jsonl(args.dataset)
     n_params = count_parameters(args.model)
     rows = []
-    for name, lever in LEVERS.items():
-        config = {**REFERENCE, "max_steps": args.steps, "max_length": args.max_length, "save_steps": 10_000,
-                  "logging_steps": 5, "attn_implementation": args.attn_implementation, **lever}
+    for name, lever in selected_levers(args.only).items():
+        config = {**REFERENCE, "max_length": args.max_length, "save_steps": 10_000, "logging_steps": 5,
+                  "attn_implementation": args.attn_implementation, **lever}
+        config["max_steps"] = steps_for_same_examples(args.steps, config)
         [resolved] = validate_training_configs([config])
         rows.append({"variant": name, **train_once(args.model, resolved, data, n_params)})
         save_json(args.out, "bench_training.json", rows)
     reference = rows[0]["tokens_per_second"]
-    print(f"{'variant':40} {'tokens/s':>10} {'ratio':>6} {'MFU':>6} {'peak GB':>8} {'loss end':>8}")
+    print(f"{'variant':46} {'tokens/s':>10} {'ratio':>6} {'MFU':>6} {'peak GB':>8} {'loss end':>8}")
     for r in rows:
-        if r.get("out_of_memory"):
-            print(f"{r['variant']:40} {'out of GPU memory':>10}")
+        if r.get("failed"):
+            print(f"{r['variant']:46} {r['failed']}")
             continue
         r["ratio"] = r["tokens_per_second"] / reference if reference else None
-        print(f"{r['variant']:40} {r['tokens_per_second']:10.0f} {r['ratio'] or 0:6.2f} {r['mfu']:6.1%} "
+        print(f"{r['variant']:46} {r['tokens_per_second']:10.0f} {r['ratio'] or 0:6.2f} {r['mfu']:6.1%} "
               f"{r['peak_memory_gb']:8.2f} {r['loss_end']:8.3f}")
     save_json(args.out, "bench_training.json", rows)
 
 
+def selected_levers(only: str) -> dict:
+    """The reference plus the levers whose names contain one of the comma-separated parts (all when empty)."""
+    parts = [p for p in only.split(",") if p]
+    return {name: lever for i, (name, lever) in enumerate(LEVERS.items())
+            if i == 0 or not parts or any(part in name for part in parts)}
+
+
+def steps_for_same_examples(reference_steps: int, config: dict) -> int:
+    """Optimizer steps that make a config see as many examples as the reference in reference_steps."""
+    per_step = config["per_device_train_batch_size"] * config["gradient_accumulation_steps"]
+    return max(1, reference_steps * REFERENCE_EXAMPLES_PER_STEP // per_step)
+
+
 def train_once(model_id: str, config: dict, data, n_params: int) -> dict:
-    """One short run in a scratch folder: its throughput, memory and loss, or {"out_of_memory": True}."""
+    """One short run in a scratch folder: its throughput, memory and loss, or {"failed": why}."""
     import torch
 
     folder = Path(tempfile.mkdtemp(prefix="bench_training_"))
     try:
         s = QLoRATrainer(model_id, folder, quantization="4bit").train(config, data)["summary"]
     except torch.OutOfMemoryError:
-        return {"out_of_memory": True, "tokens_per_second": None}
+        return {"failed": "out of GPU memory", "tokens_per_second": None}
+    except UserError as e:  # the pipeline's stop on non-finite gradients
+        return {"failed": str(e)[:120], "tokens_per_second": None}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if torch.cuda.is_available():
