@@ -49,7 +49,7 @@ def count_parameters(model_id: str) -> int:
 
 
 def main() -> None:
-    """Train every lever for the same number of steps and print a table."""
+    """Train every selected lever on the same examples and print a table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("dataset", type=Path)
