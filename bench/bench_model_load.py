@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
+from bench import timed
 from scripts.models import load_model_and_tokenizer
 
 
 def timed_load(model: str, quantization: str, cache_dir: Path) -> float:
     """Seconds to load model and tokenizer through the pipeline's loader."""
-    start = time.perf_counter()
-    loaded = load_model_and_tokenizer(model, quantization=quantization, cache_dir=cache_dir)
-    seconds = time.perf_counter() - start
-    del loaded
+    _, seconds = timed(lambda: load_model_and_tokenizer(model, quantization=quantization, cache_dir=cache_dir))
     return seconds
 
 

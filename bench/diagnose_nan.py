@@ -10,6 +10,7 @@ Run once on the H100 as diag_nan.py (section 9); committed with this docstring a
 """
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -88,7 +89,7 @@ for variant in VARIANTS:
     watch = Watch(None)
     trainer = training.QLoRATrainer(MODEL, OUT / variant, quantization=quant, loader=loader, callbacks=[watch])
     config = training.validate_training_configs([{
-        "learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": int(__import__("os").environ.get("BATCH", 8)),
+        "learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": int(os.environ.get("BATCH", 8)),
         "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "max_length": 1536,
         "save_steps": 100000, "logging_steps": 1}])[0]
     try:
