@@ -3,7 +3,7 @@
 Usage: python -m bench.bench_training MODEL FT_DATASET.jsonl [--steps N] [--only PARTS] [--attn-implementation eager]
     [--out DIR]
 The reference is TRL SFTTrainer's usual QLoRA recipe (batch 16, gradient checkpointing, no packing, the model's
-default attention); each lever changes one or two things. Every variant trains on the same STEPS x 16 examples
+default attention with the batch's padding mask); each lever changes one to three things. Every variant trains on the same STEPS x 16 examples
 (a batch of 8 takes twice the steps), so the losses compare after the same answer tokens (packing excepted: a
 packed sequence holds several examples). Printed per variant: prompt+answer tokens/s, the ratio to the reference,
 model FLOPs utilisation (6 x parameters x tokens / time / peak bf16 FLOP/s), peak memory, and the loss. A variant
@@ -24,7 +24,7 @@ from scripts.training import QLoRATrainer, validate_training_configs
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 REFERENCE = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,
-             "packing": False}
+             "packing": False, "drop_padding_mask": False}
 LEVERS = {
     "reference (batch 16, checkpointing)": {},
     "no checkpointing": {"gradient_checkpointing": False},
@@ -36,6 +36,14 @@ LEVERS = {
     # one example per forward: no padding, so sdpa runs unmasked (causal) attention
     "no checkpointing, batch 1 x 16 accumulation": {"gradient_checkpointing": False, "per_device_train_batch_size": 1,
                                                     "gradient_accumulation_steps": 16},
+    # the pipeline's default: right-padded batches without their padding mask, so sdpa takes its flash kernel
+    "padding mask dropped": {"drop_padding_mask": True},
+    "padding mask dropped, batch 64": {"drop_padding_mask": True, "per_device_train_batch_size": 64},
+    "padding mask dropped, no checkpointing": {"drop_padding_mask": True, "gradient_checkpointing": False},
+    "padding mask dropped, no checkpointing, batch 8": {"drop_padding_mask": True, "gradient_checkpointing": False,
+                                                         "per_device_train_batch_size": 8},
+    "padding mask dropped, no checkpointing, batch 32": {"drop_padding_mask": True, "gradient_checkpointing": False,
+                                                          "per_device_train_batch_size": 32},
 }
 REFERENCE_EXAMPLES_PER_STEP = 16
 
@@ -70,13 +78,13 @@ def main() -> None:
         rows.append({"variant": name, **train_once(args.model, resolved, data, n_params)})
         save_json(args.out, "bench_training.json", rows)
     reference = rows[0]["tokens_per_second"]
-    print(f"{'variant':46} {'tokens/s':>10} {'ratio':>6} {'MFU':>6} {'peak GB':>8} {'loss end':>8}")
+    print(f"{'variant':50} {'tokens/s':>10} {'ratio':>6} {'MFU':>6} {'peak GB':>8} {'loss end':>8}")
     for r in rows:
         if r.get("failed"):
-            print(f"{r['variant']:46} {r['failed']}")
+            print(f"{r['variant']:50} {r['failed']}")
             continue
         r["ratio"] = r["tokens_per_second"] / reference if reference else None
-        print(f"{r['variant']:46} {r['tokens_per_second']:10.0f} {r['ratio'] or 0:6.2f} {r['mfu']:6.1%} "
+        print(f"{r['variant']:50} {r['tokens_per_second']:10.0f} {r['ratio'] or 0:6.2f} {r['mfu']:6.1%} "
               f"{r['peak_memory_gb']:8.2f} {r['loss_end']:8.3f}")
     save_json(args.out, "bench_training.json", rows)
 

@@ -57,6 +57,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "logging_steps": 10,
     "save_steps": 100,  # checkpoint every N steps (resume point)
     "attn_implementation": "auto",  # "auto" = the model's default (sdpa); "eager" where sdpa's backward gives NaN
+    "drop_padding_mask": True,  # right-padded batches run causal attention alone: exact, and sdpa's flash kernel
 }
 ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 _NUMBER, _INT, _BOOL, _STR = "a number", "an integer", "a boolean", "a string"
@@ -65,6 +66,7 @@ _KEY_TYPES = {
     "gradient_accumulation_steps": _INT, "max_length": _INT, "warmup_ratio": _NUMBER, "lr_scheduler_type": _STR,
     "seed": _INT, "gradient_checkpointing": _BOOL, "packing": _BOOL, "lora_r": _INT, "lora_alpha": _NUMBER,
     "lora_dropout": _NUMBER, "logging_steps": _INT, "save_steps": _INT, "attn_implementation": _STR,
+    "drop_padding_mask": _BOOL,
 }
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
@@ -123,7 +125,7 @@ def validate_training_configs(configs: Any, seed: int = 0) -> list[dict]:
     return resolved
 
 
-_ADDED_LATER = ("attn_implementation",)
+_ADDED_LATER = ("attn_implementation", "drop_padding_mask")
 
 
 def run_name(base_model_id: str, config: dict, data_fingerprint: str | None) -> str:
@@ -243,6 +245,8 @@ class QLoRATrainer:
         model, tokenizer = self.loader(self.base_model_id, quantization=self.quantization, token=self._token,
                                        for_training=True, **attention)
         tokenizer.padding_side = "right"
+        if config["drop_padding_mask"]:
+            model.register_forward_pre_hook(_drop_padding_mask, with_kwargs=True)
         if tokenizer.pad_token is None:  # base models: pad positions get label -100, so eos is a safe pad
             tokenizer.pad_token = tokenizer.eos_token
         train_data, counts = tokenize_for_training(dataset, tokenizer, config["max_length"])
@@ -311,6 +315,20 @@ class QLoRATrainer:
 
 
 ELAPSED_FILE = "elapsed.json"  # in each checkpoint: training seconds up to it, so a resumed run reports its whole time
+
+
+def _drop_padding_mask(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: a right-padded batch goes through the model without its padding mask (causal attention only).
+
+    Exact for every token that counts: a row's pad tokens come after all its real tokens, so causal attention never
+    lets a real token see them; only the pad positions' outputs change, and their labels are -100. Without a mask,
+    sdpa takes its flash kernel (is_causal) instead of the memory-efficient one, whose masked backward can return
+    NaN (docs/RESULTS.md, section 9). Left-padded or other masks are kept.
+    """
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        kwargs["attention_mask"] = None
+    return args, kwargs
 
 
 class _SessionStats(TrainerCallback):

@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 from scripts.errors import UserError
 from scripts.prompts import render
 from scripts.training import (
-    TRAINING_DEFAULTS, QLoRATrainer, _lora_config, _sft_config, run_name, tokenize_for_training,
+    TRAINING_DEFAULTS, QLoRATrainer, _drop_padding_mask, _lora_config, _sft_config, run_name, tokenize_for_training,
     validate_training_configs,
 )
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -101,10 +101,11 @@ def test_run_name_is_stable_and_follows_config_model_and_data():
     assert a != run_name("org/My-Model", config(learning_rate=2e-2), "data1")
     assert a != run_name("org/My-Model", config(), "data2")
     assert a != run_name("org/Other", config(), "data1")
-    # attn_implementation came later: at its default it leaves the name of a run of an earlier version as it was
-    earlier = {k: v for k, v in config().items() if k != "attn_implementation"}
+    # keys that came later: at their defaults they leave the name of a run of an earlier version as it was
+    earlier = {k: v for k, v in config().items() if k not in ("attn_implementation", "drop_padding_mask")}
     assert a == run_name("org/My-Model", earlier, "data1")
     assert a != run_name("org/My-Model", config(attn_implementation="eager"), "data1")
+    assert a != run_name("org/My-Model", config(drop_padding_mask=False), "data1")
 
 
 def test_attention_implementation_reaches_the_loader(tmp_path):
@@ -129,6 +130,67 @@ def test_non_finite_gradients_stop_the_run_before_the_adapter_changes(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
     weights = load_file(run_dir / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
+def padded_batch(side: str) -> dict:
+    """Three rows of 9, 5 and 2 tokens padded to 9 on one side; labels -100 on the pads and the first token."""
+    torch.manual_seed(1)
+    lengths, width = [9, 5, 2], 9
+    ids, mask, labels = torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long), None
+    labels = torch.full((3, width), -100)
+    for row, n in enumerate(lengths):
+        span = slice(0, n) if side == "right" else slice(width - n, width)
+        ids[row, span] = torch.randint(5, 500, (n,))
+        mask[row, span] = 1
+        labels[row, span] = ids[row, span]
+        labels[row, span.start] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The batch's loss and every parameter's gradient."""
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_dropping_the_padding_mask_is_exact_for_right_padded_batches(attention):
+    """Same loss and gradients without the mask on a right-padded batch; a left-padded batch keeps its mask."""
+    tokenizer = build_tokenizer("chatml")
+    model = build_tiny_model(tokenizer, initializer_range=INIT_RANGE, attn_implementation=attention)
+    right = padded_batch("right")
+    loss, grads = loss_and_grads(model, right)
+    seen = []
+    model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask")), with_kwargs=True)
+    model.register_forward_pre_hook(_drop_padding_mask, with_kwargs=True)
+    dropped_loss, dropped_grads = loss_and_grads(model, right)
+    assert seen == [None]
+    torch.testing.assert_close(dropped_loss, loss)
+    for g, d in zip(grads, dropped_grads):
+        torch.testing.assert_close(d, g, rtol=1e-4, atol=1e-6)
+    # the mask does matter where it is kept: a left-padded batch differs without it
+    left = padded_batch("left")
+    _drop_padding_mask(model, (), kept := dict(left))
+    assert kept["attention_mask"] is left["attention_mask"]
+    assert not torch.allclose(model(**{**left, "attention_mask": None}).loss, model(**left).loss)
+
+
+def test_training_runs_without_the_padding_mask_unless_told(tmp_path):
+    class Spy(TinyLoader):
+        def __call__(self, model_id, **kwargs):
+            model, tokenizer = super().__call__(model_id, **kwargs)
+            self.masks = []
+            model.model.register_forward_pre_hook(
+                lambda m, a, kw: self.masks.append(kw.get("attention_mask")), with_kwargs=True)
+            return model, tokenizer
+
+    rows = sft_rows(build_tokenizer("chatml"))  # 4 rows of different lengths: every batch of 4 is padded
+    QLoRATrainer("tiny/chatml", tmp_path, loader=(spy := Spy())).train(config(max_steps=2), rows)
+    assert len(spy.masks) == 2 and all(m is None for m in spy.masks)
+    QLoRATrainer("tiny/chatml", tmp_path, loader=spy).train(config(max_steps=2, drop_padding_mask=False), rows)
+    assert len(spy.masks) == 2 and all(m is not None and (m == 0).any() for m in spy.masks)
 
 
 @pytest.mark.parametrize("kind", ["chatml", "base"])
