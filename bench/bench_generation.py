@@ -19,6 +19,8 @@ VARIANTS = {  # name: (batch size, extra generate arguments)
     "batch 64": (64, {}),
     "batch 128": (128, {}),
     "batch 256": (256, {}),
+    "batch 512": (512, {}),
+    "batch 1024": (1024, {}),
     "batch 256, static cache (compiled)": (256, {"cache_implementation": "static"}),
 }
 
@@ -32,7 +34,8 @@ def main() -> None:
     p.add_argument("--quantization", default="none")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--only", default="", help="comma-separated parts of variant names to run besides the reference")
+    p.add_argument("--only", default="", help="comma-separated variant names (or parts of names) to run besides the "
+                   "reference")
     args = p.parse_args()
     layout = prepare_spider(args.spider_zip, Path("data/spider_data"))
     examples = [e for e in load_split(layout, "dev") if layout.db_path(e["db_id"])][: args.n]
@@ -41,7 +44,8 @@ def main() -> None:
     rows, reference = [], None
     only = set(args.only.split(",")) if args.only else None
     for name, (batch_size, extra) in VARIANTS.items():
-        if only and not any(o in name for o in only) and name != next(iter(VARIANTS)):
+        if only and not any(o == name or (o not in VARIANTS and o in name) for o in only) \
+                and name != next(iter(VARIANTS)):
             continue
         texts, seconds = timed(lambda: generate(model, tokenizer, prompts, batch_size=batch_size,
                                                 max_new_tokens=args.max_new_tokens, **extra))
@@ -49,9 +53,11 @@ def main() -> None:
         same = sum(a == b for a, b in zip(texts, reference[0]))
         rows.append({"variant": name, "seconds": round(seconds, 2), "ratio": reference[1] / seconds,
                      "identical": same, "n": len(texts)})
-    print(f"{'variant':24} {'seconds':>8} {'speed-up':>8} {'identical':>10}")
+        save_json(args.out, "bench_generation.json", rows)  # kept if a later variant runs out of time or memory
+        print(f"{name}: {seconds:.1f} s, {same}/{len(texts)} identical to the reference", flush=True)
+    print(f"{'variant':36} {'seconds':>8} {'speed-up':>8} {'identical':>10}")
     for r in rows:
-        print(f"{r['variant']:24} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']}")
+        print(f"{r['variant']:36} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']}")
     save_json(args.out, "bench_generation.json", rows)
 
 

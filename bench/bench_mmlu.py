@@ -1,8 +1,10 @@
 """Benchmark of MMLU scoring: one forward per question, with and without a shared prefix, against four per question.
 
 Usage: python -m bench.bench_mmlu MODEL MMLU_DIR [--per-subject N] [--subjects a,b] [--batch-size B] [--k-shot K]
+    [--no-harness]
 The reference scores each question the lm-evaluation-harness way: the four (context, " A".." D") continuations
-as four full sequences. The pipeline (scripts/mmlu.evaluate_mmlu) runs one forward per question and reads the
+as four full sequences; with --no-harness (all 14,042 questions take minutes that way) the reference is one
+forward per question without the shared prefix, and the five-call tokenization is not timed either. The pipeline (scripts/mmlu.evaluate_mmlu) runs one forward per question and reads the
 four letters' log-probabilities at its last position, and by default runs each subject's header and shots once
 and starts every question from their key/value cache. Printed: seconds, ratio, accuracy, and on how many
 questions each predicts the same letter as the reference.
@@ -82,6 +84,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--k-shot", type=int, default=5)
     p.add_argument("--quantization", default="none")
+    p.add_argument("--no-harness", action="store_true", help="skip the four-sequence reference and the five-call "
+                   "tokenization; one forward per question is the reference")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     subjects = args.subjects.split(",") if args.subjects else None
@@ -89,21 +93,26 @@ def main() -> None:
     dev = load_mmlu(args.mmlu_dir, "dev", subjects=subjects)
     model, tokenizer = load_model_and_tokenizer(args.model, quantization=args.quantization)
     answers = [q["answer"] for q in questions]
-    tokenization = tokenization_rows(tokenizer, questions, dev, args.k_shot)
+    tokenization = [] if args.no_harness else tokenization_rows(tokenizer, questions, dev, args.k_shot)
     for r in tokenization:
         print(f"prompt tokenization, {r['variant']:35} {r['seconds']:6.2f} s {r['ratio']:6.2f}x", flush=True)
 
-    reference, ref_seconds = timed(lambda: reference_predictions(model, tokenizer, questions, dev, args.k_shot,
-                                                                 args.batch_size))
-    rows = [{"variant": "reference: 4 sequences per question", "seconds": round(ref_seconds, 2), "ratio": 1.0,
-             "accuracy": _accuracy(reference, answers), "same_prediction": len(questions)}]
+    rows, reference, ref_seconds = [], None, None
+    if not args.no_harness:
+        reference, ref_seconds = timed(lambda: reference_predictions(model, tokenizer, questions, dev, args.k_shot,
+                                                                     args.batch_size))
+        rows = [{"variant": "reference: 4 sequences per question", "seconds": round(ref_seconds, 2), "ratio": 1.0,
+                 "accuracy": _accuracy(reference, answers), "same_prediction": len(questions)}]
     for name, share in (("1 forward per question", False), ("1 forward per question, shared prefix", True)):
         scored, seconds = timed(lambda: evaluate_mmlu(model, tokenizer, questions, dev, args.k_shot, args.batch_size,
                                                       share_prefix=share))
         predictions = [r["prediction"] for r in scored]
+        if reference is None:  # --no-harness: the first variant is the reference
+            reference, ref_seconds = predictions, seconds
         rows.append({"variant": name, "seconds": round(seconds, 2), "ratio": round(ref_seconds / seconds, 2),
                      "accuracy": _accuracy(predictions, answers),
                      "same_prediction": sum(a == b for a, b in zip(reference, predictions))})
+        print(f"{name}: {seconds:.1f} s", flush=True)
     rows = tokenization + rows
     print(f"{len(questions)} MMLU questions, {args.k_shot}-shot, batches of {args.batch_size} sequences")
     print(f"{'variant':40} {'seconds':>8} {'speed-up':>8} {'accuracy':>8} {'same letter':>12}")

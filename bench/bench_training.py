@@ -38,13 +38,21 @@ LEVERS = {
                                                     "gradient_accumulation_steps": 16},
     # the pipeline's default: right-padded batches without their padding mask, so sdpa takes its flash kernel
     "padding mask dropped": {"drop_padding_mask": True},
-    "padding mask dropped, batch 64": {"drop_padding_mask": True, "per_device_train_batch_size": 64},
+    "padding mask dropped, batch 32": {"drop_padding_mask": True, "per_device_train_batch_size": 32},
     "padding mask dropped, no checkpointing": {"drop_padding_mask": True, "gradient_checkpointing": False},
     "padding mask dropped, no checkpointing, batch 8": {"drop_padding_mask": True, "gradient_checkpointing": False,
                                                          "per_device_train_batch_size": 8},
     "padding mask dropped, no checkpointing, batch 32": {"drop_padding_mask": True, "gradient_checkpointing": False,
                                                           "per_device_train_batch_size": 32},
+    # LoRA on bf16 weights (--quantization none in the pipeline): no 4-bit dequantization in every forward
+    "padding mask dropped, no checkpointing, bf16 weights": {"drop_padding_mask": True, "gradient_checkpointing": False,
+                                                              "quantization": "none"},
+    "padding mask dropped, bf16 weights": {"drop_padding_mask": True, "quantization": "none"},
+    "padding mask dropped, no checkpointing, bf16 weights, batch 32": {
+        "drop_padding_mask": True, "gradient_checkpointing": False, "quantization": "none",
+        "per_device_train_batch_size": 32},
 }
+QUANTIZATION = "4bit"  # the reference's; a lever may set "quantization" to another value
 REFERENCE_EXAMPLES_PER_STEP = 16
 
 
@@ -74,17 +82,18 @@ def main() -> None:
         config = {**REFERENCE, "max_length": args.max_length, "save_steps": 10_000, "logging_steps": 5,
                   "attn_implementation": args.attn_implementation, **lever}
         config["max_steps"] = steps_for_same_examples(args.steps, config)
+        quantization = config.pop("quantization", QUANTIZATION)
         [resolved] = validate_training_configs([config])
-        rows.append({"variant": name, **train_once(args.model, resolved, data, n_params)})
+        rows.append({"variant": name, **train_once(args.model, resolved, data, n_params, quantization)})
         save_json(args.out, "bench_training.json", rows)
     reference = rows[0]["tokens_per_second"]
-    print(f"{'variant':50} {'tokens/s':>10} {'ratio':>6} {'MFU':>6} {'peak GB':>8} {'loss end':>8}")
+    print(f"{'variant':64} {'tokens/s':>10} {'ratio':>6} {'MFU':>6} {'peak GB':>8} {'loss end':>8}")
     for r in rows:
         if r.get("failed"):
-            print(f"{r['variant']:50} {r['failed']}")
+            print(f"{r['variant']:64} {r['failed']}")
             continue
         r["ratio"] = r["tokens_per_second"] / reference if reference else None
-        print(f"{r['variant']:50} {r['tokens_per_second']:10.0f} {r['ratio'] or 0:6.2f} {r['mfu']:6.1%} "
+        print(f"{r['variant']:64} {r['tokens_per_second']:10.0f} {r['ratio'] or 0:6.2f} {r['mfu']:6.1%} "
               f"{r['peak_memory_gb']:8.2f} {r['loss_end']:8.3f}")
     save_json(args.out, "bench_training.json", rows)
 
@@ -102,13 +111,13 @@ def steps_for_same_examples(reference_steps: int, config: dict) -> int:
     return max(1, reference_steps * REFERENCE_EXAMPLES_PER_STEP // per_step)
 
 
-def train_once(model_id: str, config: dict, data, n_params: int) -> dict:
+def train_once(model_id: str, config: dict, data, n_params: int, quantization: str = QUANTIZATION) -> dict:
     """One short run in a scratch folder: its throughput, memory and loss, or {"failed": why}."""
     import torch
 
     folder = Path(tempfile.mkdtemp(prefix="bench_training_"))
     try:
-        s = QLoRATrainer(model_id, folder, quantization="4bit").train(config, data)["summary"]
+        s = QLoRATrainer(model_id, folder, quantization=quantization).train(config, data)["summary"]
     except torch.OutOfMemoryError:
         return {"failed": "out of GPU memory", "tokens_per_second": None}
     except UserError as e:  # the pipeline's stop on non-finite gradients

@@ -23,10 +23,10 @@ import torch
 
 from scripts import distributed
 from scripts.errors import UserError
+from scripts.settings import QUANTIZATIONS
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("auto", "4bit", "none")
 DEFAULT_CACHE_DIR = Path("cache/models")
 SLOW_TOKENIZER_PREFIX = "openlm-research/open_llama"  # its authors advise against the auto-converted fast tokenizer
 GGUF_MARKER = "gguf_source.json"  # written last into a GGUF cache folder: the conversion finished
