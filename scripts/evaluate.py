@@ -99,7 +99,6 @@ def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) ->
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-@torch.inference_mode()
 def generate(
     model,
     tokenizer,
@@ -109,10 +108,13 @@ def generate(
     max_new_tokens: int = 160,
     done: Callable[[list[int], list[str], float], None] | None = None,
     skip: Iterable[int] = (),
+    continuous: bool = False,
     **generate_kwargs,
 ) -> list[str | None]:
     """Greedy answers for the prompts, batched with left padding; `done(indices, texts, seconds)` after each batch.
 
+    With `continuous`, each batch goes to transformers' continuous batching (`generate_batch`: paged attention,
+    no padding, a finished answer leaves the batch) instead of one padded `generate` call.
     `generate_kwargs` go to `model.generate` (e.g. cache_implementation="static" for the GPU benchmark).
     """
     tokenizer.padding_side = "left"
@@ -124,22 +126,44 @@ def generate(
     for batch in tqdm(batches, desc="generating SQL", unit="batch"):
         indices = [todo[i] for i in batch]
         start = time.perf_counter()
-        enc = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(model.device)
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-            **generate_kwargs,
-        )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        if continuous:
+            texts = _generate_continuous(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, eos)
+        else:
+            texts = _generate_padded(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, eos,
+                                     **generate_kwargs)
         for i, text in zip(indices, texts):
             outputs[i] = text
         if done:
             done(indices, texts, time.perf_counter() - start)
     return outputs
+
+
+@torch.inference_mode()
+def _generate_padded(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int],
+                     **generate_kwargs) -> list[str]:
+    """Greedy answers of one left-padded `generate` call."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                         pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _generate_continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int]) -> list[str]:
+    """Greedy answers through transformers' continuous batching, in the order of the prompts.
+
+    Not under inference mode: the batching manager's thread updates tensors made here in place.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    results = list(model.generate_batch(inputs=ids, generation_config=config).values())
+    failed = [r.request_id for r in results if r.error is not None]
+    if len(results) != len(prompts) or failed:  # generate_batch logs and leaves out what failed
+        raise RuntimeError(f"continuous batching answered {len(results) - len(failed)} of {len(prompts)} prompts "
+                           "(errors above); generate without continuous batching instead")
+    return [tokenizer.decode(r.generated_tokens, skip_special_tokens=True) for r in results]
 
 
 def score(
