@@ -369,9 +369,9 @@ class _StopOnNonFiniteGradients(TrainerCallback):
             raise UserError(
                 f"run {self.run}: the gradients of step {state.global_step + 1} are not finite (NaN or inf), so "
                 "training stopped before they reached the adapter; its checkpoints are from earlier steps. A known "
-                "cause is PyTorch's memory-efficient attention backward on padded batches (pytorch/pytorch#178251): "
-                'add "attn_implementation": "eager" to this TRAINING_CONFIGS entry (a new run), or lower its '
-                "learning_rate")
+                "cause is PyTorch's memory-efficient attention backward on masked batches (pytorch/pytorch#178251), "
+                'which "drop_padding_mask": true (the default) avoids: add "attn_implementation": "eager" to this '
+                "TRAINING_CONFIGS entry (a new run), or lower its learning_rate")
 
 
 def _seconds_up_to(checkpoint: str | None) -> float:
