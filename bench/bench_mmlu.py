@@ -4,9 +4,10 @@ Usage: python -m bench.bench_mmlu MODEL MMLU_DIR [--per-subject N] [--subjects a
     [--no-harness]
 The reference scores each question the lm-evaluation-harness way: the four (context, " A".." D") continuations
 as four full sequences; with --no-harness (all 14,042 questions take minutes that way) the reference is one
-forward per question without the shared prefix, and the five-call tokenization is not timed either. The pipeline (scripts/mmlu.evaluate_mmlu) runs one forward per question and reads the
-four letters' log-probabilities at its last position, and by default runs each subject's header and shots once
-and starts every question from their key/value cache. Printed: seconds, ratio, accuracy, and on how many
+forward per question without the shared prefix, and the five-call tokenization is not timed either. The
+pipeline (scripts/mmlu.evaluate_mmlu) runs one forward per question and reads the four letters'
+log-probabilities at its last position, and by default runs each subject's header and shots once and starts
+every question from their key/value cache. Printed: seconds, ratio, accuracy, and on how many
 questions each predicts the same letter as the reference.
 """
 from __future__ import annotations

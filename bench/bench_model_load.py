@@ -16,8 +16,7 @@ from scripts.models import load_model_and_tokenizer
 
 def timed_load(model: str, quantization: str, cache_dir: Path) -> float:
     """Seconds to load model and tokenizer through the pipeline's loader."""
-    _, seconds = timed(lambda: load_model_and_tokenizer(model, quantization=quantization, cache_dir=cache_dir))
-    return seconds
+    return timed(lambda: load_model_and_tokenizer(model, quantization=quantization, cache_dir=cache_dir))[1]
 
 
 def main() -> None:

@@ -3,9 +3,9 @@
 Usage: python -m bench.bench_training MODEL FT_DATASET.jsonl [--steps N] [--only PARTS] [--attn-implementation eager]
     [--out DIR]
 The reference is TRL SFTTrainer's usual QLoRA recipe (batch 16, gradient checkpointing, no packing, the model's
-default attention with the batch's padding mask); each lever changes one to three things. Every variant trains on the same STEPS x 16 examples
-(a batch of 8 takes twice the steps), so the losses compare after the same answer tokens (packing excepted: a
-packed sequence holds several examples). Printed per variant: prompt+answer tokens/s, the ratio to the reference,
+default attention with the batch's padding mask); each lever changes one to three things. Every variant trains
+on the same STEPS x 16 examples (a batch of 8 takes twice the steps), so the losses compare after the same
+answer tokens (packing excepted: a packed sequence holds several examples). Printed per variant: prompt+answer tokens/s, the ratio to the reference,
 model FLOPs utilisation (6 x parameters x tokens / time / peak bf16 FLOP/s), peak memory, and the loss. A variant
 that runs out of GPU memory or whose gradients turn non-finite is reported as such and the others go on; the
 table is saved after each.

@@ -157,7 +157,7 @@ def _generate_continuous(model, tokenizer, prompts: list[str], max_new_tokens: i
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                               pad_token_id=tokenizer.pad_token_id)
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]  # one batched call
     results = list(model.generate_batch(inputs=ids, generation_config=config).values())
     failed = [r.request_id for r in results if r.error is not None]
     if len(results) != len(prompts) or failed:  # generate_batch logs and leaves out what failed
