@@ -200,3 +200,34 @@ def run_query(
     finally:
         cursor.close()
     return QueryResult(rows)
+
+
+
+_syntax_only = threading.local()  # an empty in-memory database per thread: names are unknown, grammar is checked
+
+
+def compile_check(sql: str, db_path: str | Path | None = None) -> QueryResult:
+    """Compile one statement without running it (EXPLAIN): no rows, OK or the error class and SQLite's message.
+
+    Against db_path (read-only, guarded as in run_query) names are resolved too; without one only the grammar is
+    checked, so an unknown table or column counts as OK.
+    """
+    if db_path is None:
+        if not hasattr(_syntax_only, "conn"):
+            _syntax_only.conn = sqlite3.connect(":memory:", check_same_thread=False)
+        conn, guard = _syntax_only.conn, _Guard()
+    else:
+        try:
+            conn, guard = _default_cache().get(db_path)
+        except (FileNotFoundError, sqlite3.Error) as exc:
+            return QueryResult(None, EXEC_ERROR, f"cannot open database: {exc}")
+        guard.denied.clear()
+        guard.deadline = time.monotonic() + 5.0  # compiling runs nothing; this only bounds a pathological statement
+    try:
+        conn.execute("EXPLAIN " + sql).close()
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as exc:
+        error = classify_error(exc, guard, False)
+        if db_path is None and error != SYNTAX_ERROR and isinstance(exc, sqlite3.OperationalError):
+            return QueryResult(None)  # the grammar was accepted; names are unknown in the empty database
+        return QueryResult(None, error, str(exc))  # a parameter (`?`, `:x`) without a value is an error too
+    return QueryResult(None)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -15,58 +14,10 @@ from custom_metrics.execution_accuracy import execution_accuracy
 from scripts import distributed
 from scripts.prompts import end_of_turn, render
 from scripts.spider_data import SpiderLayout, schema_text
+from scripts.sql_extraction import extract_sql
 from scripts.store import Spool
 
 log = logging.getLogger(__name__)
-
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n?(.*?)(?:```|$)", re.DOTALL)
-_SQL_START = re.compile(r"\b(SELECT|WITH)\b", re.IGNORECASE)
-_PROSE_BREAK = re.compile(r"\n\s*\n|\n\s*(?:###|```|Explanation|Note|This query|The query|Answer)", re.IGNORECASE)
-
-
-def extract_sql(text: str) -> str:
-    """The first SQL statement in a model's answer (code fences, prose around it, several statements, `;`)."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
-    candidates = [body for lang, body in blocks if lang == "sql"] + [body for lang, body in blocks if lang != "sql"]
-    for candidate in candidates + [text]:
-        sql = _first_statement(candidate)
-        if sql:
-            return sql
-    return ""
-
-
-def _first_statement(text: str) -> str:
-    """From the first SELECT/WITH up to the end of the statement (a `;` outside quotes, or prose after it)."""
-    start = _SQL_START.search(text)
-    if not start:
-        return ""
-    body = text[start.start():]
-    body = body[: _statement_end(body)]
-    prose = _PROSE_BREAK.search(body)
-    if prose:
-        body = body[: prose.start()]
-    return _one_line(body)
-
-
-def _one_line(sql: str) -> str:
-    """Whitespace outside quoted strings collapsed to single spaces (values keep theirs)."""
-    parts = re.split(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""", sql)
-    return "".join(part if i % 2 else re.sub(r"\s+", " ", part) for i, part in enumerate(parts)).strip()
-
-
-def _statement_end(sql: str) -> int:
-    """Index of the first `;` that is not inside a quoted string (or the end)."""
-    quote = None
-    for i, char in enumerate(sql):
-        if quote:
-            if char == quote:
-                quote = None
-        elif char in "'\"`":
-            quote = char
-        elif char == ";":
-            return i
-    return len(sql)
-
 
 def build_prompts(tokenizer, examples: Sequence[dict], layout: SpiderLayout, sample_rows: int = 0) -> list[str]:
     """The inference prompt of each example: exactly the training prompt up to the answer."""
@@ -246,7 +197,7 @@ def evaluate_text_to_sql(
         store.add_sql(run_id, [_row(examples[i], keys[i], raw[i], latency[i]) for i in others])
     if store and spool:
         spool.clear()
-    sqls = [extract_sql(text or "") for text in raw]
+    sqls = [extract_sql(text or "", layout.db_path(e["db_id"])) for text, e in zip(raw, examples)]
     summary = score(examples, sqls, layout, timeout=timeout)
     if store:
         rows = []
@@ -275,11 +226,6 @@ def _row(example: dict, key: str, raw: str | None, latency: float | None, *, sql
         "hardness": None if result is None else result["hardness"],
         "latency_s": latency,
     }
-
-
-def save_predictions(path: Path, sqls: Sequence[str]) -> None:
-    """One SQL per line, the official evaluator's --pred format."""
-    path.write_text("".join(_one_line(sql).replace("\n", " ") + "\n" for sql in sqls))
 
 
 class ModelCache:
@@ -415,7 +361,7 @@ def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
     )
     prompts = build_prompts(tokenizer, examples, layout, s["schema_sample_rows"])
     texts = generate(model, tokenizer, prompts, batch_size=s["eval_batch_size"], max_new_tokens=s["max_new_tokens"])
-    sqls = [extract_sql(t or "") for t in texts]
+    sqls = [extract_sql(t or "", layout.db_path(e["db_id"])) for t, e in zip(texts, examples)]
     live = score(examples, sqls, layout, timeout=s["sql_timeout_s"])["per_example"]
     return {
         "n": len(sample),

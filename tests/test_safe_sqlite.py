@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from custom_metrics.safe_sqlite import ConnectionCache, run_query
+from custom_metrics.safe_sqlite import ConnectionCache, compile_check, run_query
 
 TIMEOUT = 1.0
 SLACK = 1.5
@@ -141,3 +141,21 @@ def test_cached_connection_keeps_guards_per_query(db):
     # the deadline is per query: a later query gets its own time budget
     assert run_query(db, "SELECT count(*) FROM t a, t b", 5.0, cache=cache).rows == [(1_000_000,)]
     cache.close()
+
+
+def test_compile_check_compiles_without_running(db: Path) -> None:
+    hanging = "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c) SELECT count(*) FROM c"
+    before = snapshot(db.parent)
+    start = time.monotonic()
+    assert compile_check(hanging, db).error == "ok"
+    assert time.monotonic() - start < 0.5  # compiled, never stepped
+    assert compile_check("SELECT nope FROM t", db).error == "unknown_table_or_column"
+    assert compile_check("SELECT x FROM t WHERE", db).message == "incomplete input"
+    assert compile_check("WITH a AS (SELECT 1) DELETE FROM t", db).error == "not_read_only"
+    assert snapshot(db.parent) == before
+
+
+def test_compile_check_without_a_database_checks_the_grammar_only() -> None:
+    assert compile_check("SELECT nope FROM nowhere").error == "ok"
+    assert compile_check("SELECT x FROM t WHERE )").error == "syntax_error"
+    assert compile_check("SELECT ? AS x").error == "exec_error"  # a parameter nobody supplies

@@ -1,4 +1,6 @@
-"""SQL extraction from what models actually write around their SQL."""
+"""SQL extraction from what models actually write around their SQL (chat prose, fences, base-model continuations)."""
+import sqlite3
+
 import pytest
 
 from scripts.evaluate import extract_sql
@@ -15,23 +17,55 @@ CASES = [
     ("  select count(*) from head where age  >  56  ", "select count(*) from head where age > 56"),
     ("SELECT a FROM t; SELECT b FROM u;", "SELECT a FROM t"),
     ("SELECT name FROM t WHERE note = 'a;b' ; DROP TABLE t", "SELECT name FROM t WHERE note = 'a;b'"),
-    ("Here is the query: SELECT id FROM t\n\nExplanation: it selects ids.", "SELECT id FROM t"),
-    ("SELECT id FROM t\n### Question\nHow many?", "SELECT id FROM t"),
-    (
-        "WITH x AS (SELECT 1 AS v) SELECT v FROM x",
-        "WITH x AS (SELECT 1 AS v) SELECT v FROM x",
-    ),
     ("```python\nprint('hi')\n```\n```sql\nSELECT 1\n```", "SELECT 1"),
     ("```sql\nSELECT name\nFROM singer", "SELECT name FROM singer"),  # cut off by max_new_tokens
+    # chat prose whose English holds the keywords
+    ("To list the singers with an age above 30, use: SELECT name FROM singer WHERE age > 30",
+     "SELECT name FROM singer WHERE age > 30"),
+    ("You can select the names like this: SELECT name FROM singer", "SELECT name FROM singer"),
+    ("Select all singers from France:\nSELECT name FROM singer WHERE country = 'France'",
+     "SELECT name FROM singer WHERE country = 'France'"),
+    ("Here is the query: SELECT id FROM t\n\nExplanation: it selects ids.", "SELECT id FROM t"),
+    ("Use `SELECT count(*) FROM singer` to count them.", "SELECT count(*) FROM singer"),
+    ("SELECT id FROM t. This returns the ids.", "SELECT id FROM t"),
+    ("Sure! Here's the SQL query with the singers older than 30:\n\n    SELECT name\n    FROM singer\n    WHERE age > 30\n\n"
+     "This query selects the `name` column with a condition on `age`.", "SELECT name FROM singer WHERE age > 30"),
+    ("SELECT name FROM singer\nThis returns each singer's name, with the oldest first.", "SELECT name FROM singer"),
+    # base-model continuations after the answer (plain prompt style)
+    ("SELECT id FROM t\n### Question\nHow many?", "SELECT id FROM t"),
+    ("SELECT name FROM singer ### Question: how many singers?", "SELECT name FROM singer"),
+    ("SELECT name FROM singer\nQuestion: How many singers are there?\nSELECT count(*) FROM singer",
+     "SELECT name FROM singer"),
+    ("SELECT name FROM singer\nSELECT count(*) FROM singer", "SELECT name FROM singer"),
+    ("SELECT T1.name FROM singer AS T1 JOIN concert AS T2 ON T1.id = T2.singer_id\nA: SELECT 1",
+     "SELECT T1.name FROM singer AS T1 JOIN concert AS T2 ON T1.id = T2.singer_id"),
+    ("SELECT count(*) FROM head WHERE age > 56\n\n### Instructions\nYou are an expert in SQLite.",
+     "SELECT count(*) FROM head WHERE age > 56"),
+    # statements over several lines, CTEs, set operations
+    ("WITH x AS (SELECT 1 AS v) SELECT v FROM x", "WITH x AS (SELECT 1 AS v) SELECT v FROM x"),
+    ("WITH older AS (\n  SELECT * FROM singer WHERE age > 30\n)\nSELECT name FROM older",
+     "WITH older AS ( SELECT * FROM singer WHERE age > 30 ) SELECT name FROM older"),
+    ("SELECT name FROM singer UNION\nSELECT country FROM singer", "SELECT name FROM singer UNION SELECT country FROM singer"),
+    ("SELECT name\nFROM singer\nWHERE age >\n30\nORDER BY age", "SELECT name FROM singer WHERE age > 30 ORDER BY age"),
+    # strings and comments holding keywords, `;`, `###` or quotes
+    ("SELECT name FROM singer WHERE name = 'a;b -- SELECT ### x' ORDER BY age",
+     "SELECT name FROM singer WHERE name = 'a;b -- SELECT ### x' ORDER BY age"),
+    ("SELECT name FROM singer -- the singer's names\nWHERE age > 3", "SELECT name FROM singer WHERE age > 3"),
+    ('SELECT "Song Name" FROM song WHERE title = "Don\'t; stop"', 'SELECT "Song Name" FROM song WHERE title = "Don\'t; stop"'),
+    # malformed or cut-off SQL stays as written, so it scores as the syntax error it is
+    ("SELECT name FROM singer WHERE", "SELECT name FROM singer WHERE"),
+    ("SELECT name, FROM singer", "SELECT name, FROM singer"),
 ]
 
 
 @pytest.mark.parametrize("text, expected", CASES)
-def test_extracts_the_first_statement(text: str, expected: str) -> None:
+def test_extracts_the_query(text: str, expected: str) -> None:
     assert extract_sql(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "I don't know.", "The answer is 42.", "```\n\n```"])
+@pytest.mark.parametrize("text", ["", "I don't know.", "The answer is 42.", "```\n\n```",
+                                  "I'm sorry, I cannot help with that.",
+                                  "Which singers should I select? Please give me more details."])
 def test_output_without_sql_gives_empty(text: str) -> None:
     assert extract_sql(text) == ""
 
@@ -40,3 +74,34 @@ def test_whitespace_inside_string_values_is_kept() -> None:
     assert extract_sql("SELECT id\n  FROM t WHERE name = 'New  York'  AND x = 1") == (
         "SELECT id FROM t WHERE name = 'New  York' AND x = 1"
     )
+
+
+@pytest.fixture
+def singer_db(tmp_path):
+    """A database with one table, to compile candidates against."""
+    path = tmp_path / "singer.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE singer (singer_id INTEGER PRIMARY KEY, name TEXT, country TEXT, age INTEGER)")
+    return path
+
+
+@pytest.mark.parametrize("text, without_db, with_db", [
+    # a trailing clause on a line that ends in prose: only the database tells the clause from the prose
+    ("SELECT name\nFROM singer\nWHERE age > 30 which gives the older ones",
+     "SELECT name FROM singer", "SELECT name FROM singer WHERE age > 30"),
+    # prose that SQLite's grammar accepts (`where the` is a column named "the") fails on the database
+    ("SELECT name FROM singer\nwhere the singers are listed", "SELECT name FROM singer", "SELECT name FROM singer"),
+    # the first statement names an unknown column; the second is the one that runs
+    ("Select all singers from France: SELECT name FROM singers\n\nOr: SELECT name FROM singer WHERE country = 'France'",
+     "SELECT name FROM singers", "SELECT name FROM singer WHERE country = 'France'"),
+])
+def test_the_database_decides_between_candidates(singer_db, text, without_db, with_db) -> None:
+    assert extract_sql(text) == without_db
+    assert extract_sql(text, singer_db) == with_db
+
+
+def test_extraction_never_writes_the_database(singer_db) -> None:
+    before = singer_db.read_bytes()
+    assert extract_sql("WITH x AS (SELECT 1) DELETE FROM singer", singer_db) == "WITH x AS (SELECT 1) DELETE FROM singer"
+    assert extract_sql("SELECT 1; DROP TABLE singer", singer_db) == "SELECT 1"
+    assert singer_db.read_bytes() == before
