@@ -14,7 +14,8 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from scripts import distributed
@@ -222,7 +223,7 @@ def evaluate_mmlu(
     from tqdm.auto import tqdm
 
     shots = shots_by_subject(dev)
-    max_length = max_length or _context_size(model)
+    max_length = max_length or context_size(model, tokenizer)
     prompts = [build_prompt(q, shots_for(q, shots, k_shot)) for q in questions]
     requests = encode_all_requests(tokenizer, prompts, progress=True)
     cut = [_truncate(ctx, conts, max_length) for ctx, conts in requests]
@@ -240,7 +241,7 @@ def evaluate_mmlu(
         log.info("MMLU: %d of %d questions have a multi-token letter continuation; scoring them in full",
                  len(multi), len(questions))
 
-    with tqdm(total=len(questions), desc="MMLU", unit="q") as bar:
+    with tqdm(total=len(questions), desc="MMLU", unit="q") as bar, float32_head(model):
         def finish(indices: list[int], scores: list[list[float]]) -> None:
             batch_rows = []
             for i, loglik in zip(indices, scores):
@@ -402,6 +403,45 @@ def _group_by_prefix(tokenizer, questions: Sequence[dict], prompts: list[str], r
     return dict(groups), rest
 
 
+@contextmanager
+def float32_head(model) -> Iterator[None]:
+    """Within it, the model's output head runs in float32 on the last hidden states, whatever the model's dtype.
+
+    In bf16 the logits move in steps of 0.125 near the values MMLU letters get, so two letters often tie exactly
+    and the first wins by default (docs/RESULTS.md, section 16). A forward hook replaces the head's output with
+    hidden @ W.T in float32 (W dequantized when the head is 4-bit); the log-softmax normaliser is float32 too.
+    """
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or hasattr(head, "base_layer"):  # e.g. a head wrapped by an adapter
+        log.warning("MMLU: the output head is %s, not a plain linear layer; scoring with the model's own logits",
+                    type(head).__name__)
+        yield
+        return
+    weight = _dense_weight(head).float()
+    bias = None if head.bias is None else head.bias.float()
+    handle = head.register_forward_hook(
+        lambda module, args, output: torch.nn.functional.linear(args[0].float(), weight, bias))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round the products to 10 mantissa bits again
+    try:
+        yield
+    finally:
+        handle.remove()
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _dense_weight(head):
+    """The head's weight as a dense tensor (a bitsandbytes 4-bit head is dequantized)."""
+    weight = head.weight
+    if weight.dtype.is_floating_point:
+        return weight.detach()
+    from bitsandbytes.functional import dequantize_4bit
+
+    return dequantize_4bit(weight.data, weight.quant_state)
+
+
 def _keep_last(model, keep: int) -> dict:
     """The forward argument that limits the logits to the last `keep` positions, when the model has one."""
     params = _forward_parameters(model)
@@ -447,9 +487,24 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _context_size(model) -> int | None:
-    """The model's maximum number of positions, when its config says."""
-    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+HARNESS_DEFAULT_LENGTH = 2048  # lm-evaluation-harness's HFLM._DEFAULT_MAX_LENGTH
+_NO_LIMIT = 1e29  # tokenizers without a limit report int(1e30)
+
+
+def context_size(model, tokenizer=None) -> int:
+    """The model's context length as lm-evaluation-harness finds it: n_positions, max_position_embeddings or n_ctx
+    of the (text) config, else the tokenizer's model_max_length when it sets one, else 2048."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for source in (text_config, config):
+        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(source, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < _NO_LIMIT:
+        return limit
+    return HARNESS_DEFAULT_LENGTH
 
 
 def _truncate(context: list[int], continuations: list[list[int]], max_length: int | None):

@@ -11,11 +11,14 @@ from transformers import PreTrainedTokenizerFast
 from bench.bench_mmlu import harness_split
 from scripts.errors import UserError
 from scripts.mmlu import (
+    HARNESS_DEFAULT_LENGTH,
     LETTERS,
     build_prompt,
+    context_size,
     encode_all_requests,
     encode_requests,
     evaluate_mmlu,
+    float32_head,
     load_mmlu,
     mmlu_stage,
     score_continuations,
@@ -293,6 +296,67 @@ def test_long_prompts_are_cut_from_the_left(letter_setup, mmlu_dir):
     with torch.no_grad():
         logprobs = torch.log_softmax(model(torch.tensor([cut])).logits[0, -1].float(), dim=-1)
     assert row["loglikelihoods"] == pytest.approx([logprobs[c[0]].item() for c in continuations], abs=1e-4)
+
+
+def _near_tie_bf16_model(tokenizer, seed: int = 3):
+    """A bf16 tiny model whose four letter rows of the output head nearly coincide: in float32 their logits differ
+    by a few thousandths, less than one bf16 step at their size (logits of several units)."""
+    model = build_tiny_model(tokenizer, seed=seed)
+    letters = [tokenizer(" " + x, add_special_tokens=False)["input_ids"][0] for x in LETTERS]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+        for i in letters[1:]:
+            model.lm_head.weight[i] = model.lm_head.weight[letters[0]] + 2e-3 * torch.randn(model.config.hidden_size)
+    return model.to(torch.bfloat16).eval(), letters
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_bf16_model_scores_the_letters_in_float32(mmlu_dir, share_prefix):
+    tokenizer = _letter_tokenizer()
+    model, letters = _near_tie_bf16_model(tokenizer)
+    questions, dev = load_mmlu(mmlu_dir, per_subject=4), load_mmlu(mmlu_dir, "dev")
+    heads_in: list[torch.Tensor] = []  # what the model fed its head: the reference computes from the same states
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: heads_in.append(args[0][:, -1].detach()))
+    rows, states = [], []
+    for question in questions:  # one at a time, so the head's last input is this question's
+        rows += evaluate_mmlu(model, tokenizer, [question], dev, k_shot=2, share_prefix=share_prefix)
+        states.append(heads_in[-1][0])
+    hook.remove()
+    reference = torch.log_softmax(torch.stack(states).double() @ model.lm_head.weight.double().T, dim=-1)[:, letters]
+    plain_ties = 0
+    for row, expected, state in zip(rows, reference.tolist(), states):
+        assert row["loglikelihoods"] == pytest.approx(expected, abs=1e-5)
+        assert row["prediction"] == LETTERS[max(range(4), key=lambda j: expected[j])]
+        assert len(set(row["loglikelihoods"])) == 4  # no exact tie left to the first letter
+        with torch.no_grad():  # what the model's own bf16 logits give
+            bf16 = model.lm_head(state.clone()[None]).float()[0, letters].tolist()
+        plain_ties += len(set(bf16)) < 4
+    assert plain_ties >= len(rows) // 2  # without the float32 head most of these questions tie: the setup bites
+
+
+def test_float32_head_leaves_the_model_as_it_was():
+    tokenizer = _letter_tokenizer()
+    model, _ = _near_tie_bf16_model(tokenizer)
+    ids = torch.tensor([tokenizer("Answer:")["input_ids"]])
+    before = model(ids).logits
+    with float32_head(model):
+        inside = model(ids).logits
+    assert inside.dtype == torch.float32 and before.dtype == torch.bfloat16
+    assert torch.equal(model(ids).logits, before) and model.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_context_size_is_found_as_the_harness_finds_it():
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    assert context_size(model(n_positions=1024, max_position_embeddings=4096)) == 1024
+    assert context_size(model(max_position_embeddings=4096)) == 4096
+    assert context_size(model(n_ctx=512)) == 512
+    nested = SimpleNamespace(get_text_config=lambda: SimpleNamespace(max_position_embeddings=8192))
+    assert context_size(SimpleNamespace(config=nested)) == 8192
+    assert context_size(model(), SimpleNamespace(model_max_length=3000)) == 3000
+    assert context_size(model(), SimpleNamespace(model_max_length=int(1e30))) == HARNESS_DEFAULT_LENGTH == 2048
+    assert context_size(model()) == 2048
 
 
 def test_split_on_oom_halves_the_batch():
