@@ -22,8 +22,6 @@ VARIANTS = {  # name: (batch size, extra generate arguments)
     "batch 512": (512, {}),
     "batch 1024": (1024, {}),
     "batch 256, static cache (compiled)": (256, {"cache_implementation": "static"}),
-    # transformers' generate_batch: paged attention, no padding, finished answers leave the batch
-    "continuous batching, 1024 per call": (1024, {"continuous": True}),
 }
 
 

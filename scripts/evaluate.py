@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from custom_metrics.execution_accuracy import execution_accuracy
 from scripts import distributed
-from scripts.prompts import end_of_turn, render
+from scripts.prompts import end_of_turn, render, stop_strings
 from scripts.spider_data import SpiderLayout, schema_text
 from scripts.sql_extraction import extract_sql
 from scripts.store import Spool
@@ -50,6 +51,38 @@ def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) ->
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+class StopAtText(StoppingCriteria):
+    """Ends each answer once its new text holds one of `stops` after some content (the plain format's boundaries)."""
+
+    WINDOW = 16  # new tokens decoded per step: a stop string is a few characters, a token at least one
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, tuple(stops), prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_length:]
+        tails = self.tokenizer.batch_decode(new[:, -self.WINDOW:], skip_special_tokens=True)
+        hits = [i for i, tail in enumerate(tails) if any(stop in tail for stop in self.stops)]
+        done = torch.zeros(len(tails), dtype=torch.bool, device=input_ids.device)
+        for i in hits:  # rare: confirm on the whole answer that some content comes before the stop
+            text = self.tokenizer.decode(new[i], skip_special_tokens=True)
+            done[i] = first_stop(text, self.stops) is not None
+        return done
+
+
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first of `stops` begins after the answer's first non-blank character, or None."""
+    content = len(text) - len(text.lstrip())
+    found = [i for i in (text.find(stop, content + 1) for stop in stops) if i != -1]
+    return min(found) if found else None
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The answer up to its first stop string, trailing blanks dropped (the whole text when none follows content)."""
+    at = first_stop(text, stops) if stops else None
+    return text if at is None else text[:at].rstrip()
+
+
 def generate(
     model,
     tokenizer,
@@ -59,29 +92,25 @@ def generate(
     max_new_tokens: int = 160,
     done: Callable[[list[int], list[str], float], None] | None = None,
     skip: Iterable[int] = (),
-    continuous: bool = False,
     **generate_kwargs,
 ) -> list[str | None]:
     """Greedy answers for the prompts, batched with left padding; `done(indices, texts, seconds)` after each batch.
 
-    With `continuous`, each batch goes to transformers' continuous batching (`generate_batch`: paged attention,
-    no padding, a finished answer leaves the batch) instead of one padded `generate` call.
-    `generate_kwargs` go to `model.generate` (e.g. cache_implementation="static" for the GPU benchmark).
+    An answer ends at a stop token (eos, the template's end of turn) or, in the plain format, at a stop string
+    (scripts/prompts.py: PLAIN_STOPS), where it is cut. `generate_kwargs` go to `model.generate`
+    (e.g. cache_implementation="static" for the GPU benchmark).
     """
     tokenizer.padding_side = "left"
     skip = set(skip)
     todo = [i for i in range(len(prompts)) if i not in skip]
     outputs: list[str | None] = [None] * len(prompts)
-    eos = stop_token_ids(tokenizer)
+    eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
     batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
     for batch in tqdm(batches, desc="generating SQL", unit="batch"):
         indices = [todo[i] for i in batch]
         start = time.perf_counter()
-        if continuous:
-            texts = _generate_continuous(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, eos)
-        else:
-            texts = _generate_padded(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, eos,
-                                     **generate_kwargs)
+        texts = _generate_padded(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, eos, stops,
+                                 **generate_kwargs)
         for i, text in zip(indices, texts):
             outputs[i] = text
         if done:
@@ -91,30 +120,17 @@ def generate(
 
 @torch.inference_mode()
 def _generate_padded(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int],
-                     **generate_kwargs) -> list[str]:
-    """Greedy answers of one left-padded `generate` call."""
+                     stops: Sequence[str] = (), **generate_kwargs) -> list[str]:
+    """Greedy answers of one left-padded `generate` call, each cut at its first stop string."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    prompt_length = enc["input_ids"].shape[1]
+    if stops:
+        generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
+            [StopAtText(tokenizer, stops, prompt_length), *generate_kwargs.get("stopping_criteria", [])])
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                          pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def _generate_continuous(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int]) -> list[str]:
-    """Greedy answers through transformers' continuous batching, in the order of the prompts.
-
-    Not under inference mode: the batching manager's thread updates tensors made here in place.
-    """
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                              pad_token_id=tokenizer.pad_token_id)
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]  # one batched call
-    results = list(model.generate_batch(inputs=ids, generation_config=config).values())
-    failed = [r.request_id for r in results if r.error is not None]
-    if len(results) != len(prompts) or failed:  # generate_batch logs and leaves out what failed
-        raise RuntimeError(f"continuous batching answered {len(results) - len(failed)} of {len(prompts)} prompts "
-                           "(errors above); generate without continuous batching instead")
-    return [tokenizer.decode(r.generated_tokens, skip_special_tokens=True) for r in results]
+    texts = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
+    return [cut_at_stop(text, stops) for text in texts]
 
 
 def score(

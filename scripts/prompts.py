@@ -12,6 +12,9 @@ Plain format:
 
 The prompt is exactly the text the model sees at inference (tokenize it with add_special_tokens=False);
 the completion is the answer followed by the template's end of turn (trailing whitespace dropped) or eos.
+A base model rarely writes eos before it is fine-tuned: in the plain format an answer also ends where the format
+would go on (PLAIN_STOPS: a blank line, a new `###` section, a new `Question:`), which the training text never
+holds inside an answer (answers are one stripped query followed by eos).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ INSTRUCTIONS = (
     "Reply with the SQL query only."
 )
 STYLES = ("system", "folded", "plain")
+PLAIN_STOPS = ("\n\n", "###", "\nQuestion:")
 _PROBE_ANSWER = "SELECT 1 FROM probe"
 _style_cache: dict[tuple, str] = {}
 
@@ -131,6 +135,11 @@ def render(tokenizer, schema: str, question: str, answer: str | None = None) -> 
         raise ValueError(f"chat template rendered the prompt differently once an answer follows: {prompt!r} vs {full!r}")
     # the answer through its end-of-turn marker; the newline some templates add after the marker is not trained on
     return prompt, full[len(prompt):].rstrip()
+
+
+def stop_strings(tokenizer) -> tuple[str, ...]:
+    """Texts that end an answer besides the stop tokens: the plain format's boundaries, none for chat templates."""
+    return PLAIN_STOPS if template_style(tokenizer) == "plain" else ()
 
 
 def end_of_turn(tokenizer) -> str:
