@@ -3,8 +3,9 @@
 The protocol is the lm-evaluation-harness `mmlu` task: the first k `dev` questions of the same subject as shots,
 the prompt "The following are multiple choice questions (with answers) about <subject>.\\n\\n", each shot as
 "<question>\\nA. <a>\\nB. <b>\\nC. <c>\\nD. <d>\\nAnswer: <letter>\\n\\n", then the question ending in "Answer:".
-The prediction is the letter whose continuation (" A", " B", " C", " D") has the highest log-likelihood.
-Unlike the harness's default, the tokenizer's own special tokens (a BOS for Llama-style tokenizers) are kept.
+The prediction is the letter whose continuation (" A", " B", " C", " D") has the highest log-likelihood,
+computed in float32 whatever the model's dtype (`float32_head`). The tokenizer's own special tokens (a BOS for
+Llama-style tokenizers) are kept, as the harness does since lm-eval 0.4.9.2.
 """
 from __future__ import annotations
 
