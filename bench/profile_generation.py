@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from bench import save_json
-from scripts.evaluate import build_prompts, generate
+from scripts.evaluate import build_prompts
+from scripts.generation import generate
 from scripts.models import load_model_and_tokenizer
 from scripts.spider_data import load_split, prepare_spider
 

@@ -1,24 +1,22 @@
-"""Stages 2 and 5: generate SQL for Spider dev questions, extract it from the model's text, score execution accuracy."""
+"""Stages 2 and 5: execution accuracy of the base model and of each adapter (prompts, generation, extraction, score)."""
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from custom_metrics.execution_accuracy import execution_accuracy
 from scripts import distributed
-from scripts.prompts import end_of_turn, render, stop_strings
+from scripts.generation import generate
+from scripts.prompts import render
 from scripts.spider_data import SpiderLayout, schema_text
 from scripts.sql_extraction import extract_sql
 from scripts.store import Spool
 
 log = logging.getLogger(__name__)
+
 
 def build_prompts(tokenizer, examples: Sequence[dict], layout: SpiderLayout, sample_rows: int = 0) -> list[str]:
     """The inference prompt of each example: exactly the training prompt up to the answer."""
@@ -29,108 +27,6 @@ def build_prompts(tokenizer, examples: Sequence[dict], layout: SpiderLayout, sam
         prompt, _ = render(tokenizer, schema, example["question"])
         prompts.append(prompt)
     return prompts
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an answer: eos plus the chat template's end-of-turn token when it is one token."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    marker = end_of_turn(tokenizer).strip()
-    if marker:
-        marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
-        if len(marker_ids) == 1:
-            ids.add(marker_ids[0])
-    return sorted(ids)
-
-
-def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
-    """Indices of the prompts grouped into batches of similar token length (longest first)."""
-    if not prompts:  # every answer already stored (a resumed run), or a process of a launch with no share
-        return []
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-class StopAtText(StoppingCriteria):
-    """Ends each answer once its new text holds one of `stops` after some content (the plain format's boundaries)."""
-
-    WINDOW = 16  # new tokens decoded per step: a stop string is a few characters, a token at least one
-
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
-        self.tokenizer, self.stops, self.prompt_length = tokenizer, tuple(stops), prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_length:]
-        tails = self.tokenizer.batch_decode(new[:, -self.WINDOW:], skip_special_tokens=True)
-        hits = [i for i, tail in enumerate(tails) if any(stop in tail for stop in self.stops)]
-        done = torch.zeros(len(tails), dtype=torch.bool, device=input_ids.device)
-        for i in hits:  # rare: confirm on the whole answer that some content comes before the stop
-            text = self.tokenizer.decode(new[i], skip_special_tokens=True)
-            done[i] = first_stop(text, self.stops) is not None
-        return done
-
-
-def first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first of `stops` begins after the answer's first non-blank character, or None."""
-    content = len(text) - len(text.lstrip())
-    found = [i for i in (text.find(stop, content + 1) for stop in stops) if i != -1]
-    return min(found) if found else None
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """The answer up to its first stop string, trailing blanks dropped (the whole text when none follows content)."""
-    at = first_stop(text, stops) if stops else None
-    return text if at is None else text[:at].rstrip()
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    batch_size: int = 16,
-    max_new_tokens: int = 160,
-    done: Callable[[list[int], list[str], float], None] | None = None,
-    skip: Iterable[int] = (),
-    **generate_kwargs,
-) -> list[str | None]:
-    """Greedy answers for the prompts, batched with left padding; `done(indices, texts, seconds)` after each batch.
-
-    An answer ends at a stop token (eos, the template's end of turn) or, in the plain format, at a stop string
-    (scripts/prompts.py: PLAIN_STOPS), where it is cut. `generate_kwargs` go to `model.generate`
-    (e.g. cache_implementation="static" for the GPU benchmark).
-    """
-    tokenizer.padding_side = "left"
-    skip = set(skip)
-    todo = [i for i in range(len(prompts)) if i not in skip]
-    outputs: list[str | None] = [None] * len(prompts)
-    eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
-    batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
-    for batch in tqdm(batches, desc="generating SQL", unit="batch"):
-        indices = [todo[i] for i in batch]
-        start = time.perf_counter()
-        texts = _generate_padded(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, eos, stops,
-                                 **generate_kwargs)
-        for i, text in zip(indices, texts):
-            outputs[i] = text
-        if done:
-            done(indices, texts, time.perf_counter() - start)
-    return outputs
-
-
-@torch.inference_mode()
-def _generate_padded(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int],
-                     stops: Sequence[str] = (), **generate_kwargs) -> list[str]:
-    """Greedy answers of one left-padded `generate` call, each cut at its first stop string."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    prompt_length = enc["input_ids"].shape[1]
-    if stops:
-        generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
-            [StopAtText(tokenizer, stops, prompt_length), *generate_kwargs.get("stopping_criteria", [])])
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                         pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
-    texts = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
-    return [cut_at_stop(text, stops) for text in texts]
 
 
 def score(

@@ -1,10 +1,10 @@
-"""Greedy SQL generation: batches answer like one prompt at a time; plain-format answers stop at the format's bounds."""
+"""Generation: both decoders and every batch size answer like one prompt at a time; stops; sampling."""
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from scripts.evaluate import generate
+from scripts.generation import Sampling, generate
 from scripts.models import ensure_pad_token
 from scripts.prompts import render
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -20,21 +20,70 @@ def prompts(tokenizer) -> list[str]:
     return [render(tokenizer, SCHEMA, q)[0] for q in QUESTIONS]
 
 
-@pytest.mark.parametrize("adapter", [False, True])
-def test_batches_answer_like_one_prompt_at_a_time(adapter):
-    tokenizer = build_tokenizer("chatml")
-    model = build_tiny_model(tokenizer, initializer_range=0.2).eval()
-    if adapter:  # the EX stage of an adapter generates through PEFT's wrapper
+def ending_model(kind: str = "chatml", adapter: bool = False, arch: str = "llama"):
+    """A tiny model whose greedy answers end at different steps (eos made likely after a few tokens), and its
+    tokenizer; with `adapter`, wrapped in a random PEFT LoRA as the EX stage of an adapter is."""
+    tokenizer = build_tokenizer(kind)
+    ensure_pad_token(tokenizer)
+    model = build_tiny_model(tokenizer, arch=arch, initializer_range=0.2).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] *= 3  # some answers end early, others run to the cap
+    if adapter:
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("adapter,arch", [(False, "llama"), (True, "llama"), (False, "mistral")])
+def test_both_decoders_answer_like_one_prompt_at_a_time(adapter, arch):
+    model, tokenizer = ending_model(adapter=adapter, arch=arch)
     texts = prompts(tokenizer)
-    one_by_one = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=12)
+    one_by_one = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="hf")
     assert len(set(one_by_one)) > 1  # the answers differ, so a mix-up of their order would show
-    batches = []
-    batched = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=12,
-                       done=lambda indices, answers, seconds: batches.append(indices))
-    assert batched == one_by_one
-    assert sorted(i for b in batches for i in b) == list(range(len(texts))) and len(batches) == 2
+    lengths = {len(tokenizer(t)["input_ids"]) for t in one_by_one}
+    assert len(lengths) > 1  # and they end at different steps, so rows leave the pruned batch at different times
+    for decoder in ("hf", "prune"):
+        batches = []
+        batched = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, decoder=decoder,
+                           done=lambda indices, answers, seconds: batches.append(indices))
+        assert batched == one_by_one, decoder
+        assert sorted(i for b in batches for i in b) == list(range(len(texts))) and len(batches) == 2
+    assert generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="prune") == one_by_one
+
+
+def test_sampling_gives_n_seeded_answers_per_prompt():
+    model, tokenizer = ending_model()
+    texts = prompts(tokenizer)[:3]
+    sampling = Sampling(n=4, temperature=1.0, top_p=0.9, seed=1)
+    for decoder in ("hf", "prune"):
+        first = generate(model, tokenizer, texts, batch_size=2, max_new_tokens=10, sampling=sampling,
+                         decoder=decoder)
+        assert [len(c) for c in first] == [4, 4, 4] and all(isinstance(a, str) for c in first for a in c)
+        assert len({a for c in first for a in c}) > 3  # sampled, not four copies of the greedy answer
+        again = generate(model, tokenizer, texts, batch_size=2, max_new_tokens=10, sampling=sampling,
+                         decoder=decoder)
+        assert again == first  # seeded: a resumed run samples the same candidates
+    other = generate(model, tokenizer, texts, batch_size=2, max_new_tokens=10, sampling=Sampling(4, 1.0, 0.9, 2))
+    assert other != first
+
+
+def test_an_out_of_memory_batch_is_split_in_halves(monkeypatch):
+    import scripts.generation as generation
+
+    model, tokenizer = ending_model()
+    texts = prompts(tokenizer)
+    expected = generate(model, tokenizer, texts, batch_size=4, max_new_tokens=8)
+    real, sizes = generation._generate_pruned, []
+
+    def small_gpu(model, tokenizer, batch, *args):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, tokenizer, batch, *args)
+
+    monkeypatch.setattr(generation, "_generate_pruned", small_gpu)
+    assert generate(model, tokenizer, texts, batch_size=4, max_new_tokens=8) == expected
+    assert sizes[:3] == [4, 2, 1] and max(sizes[3:]) <= 2
 
 
 class ForceText(LogitsProcessor):
@@ -43,34 +92,49 @@ class ForceText(LogitsProcessor):
     def __init__(self, tokenizer, texts: list[str], filler: str = " x"):
         self.rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         self.filler = tokenizer(filler, add_special_tokens=False)["input_ids"][-1]
-        self.start, self.steps = None, 0
+        self.steps = 0
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.start = input_ids.shape[1] if self.start is None else self.start
-        step, self.steps = input_ids.shape[1] - self.start, self.steps + 1
+    def __call__(self, input_ids, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step, self.steps = self.steps, self.steps + 1
         forced = torch.full_like(scores, -float("inf"))
         for row, ids in enumerate(self.rows):
             forced[row, ids[step] if step < len(ids) else self.filler] = 0.0
         return forced
 
 
-def generate_forced(kind: str, answers: list[str], max_new_tokens: int = 60) -> tuple[list[str], int]:
-    """What `generate` returns when the model is made to write `answers` (one per row of one batch), and its steps."""
+def generate_forced(kind: str, answers: list[str], max_new_tokens: int = 60, decoder: str = "hf"
+                    ) -> tuple[list[str], int]:
+    """What `generate` returns when the model is made to write `answers` (one per row of one batch), and its steps.
+
+    The pruned decoder calls the model itself, so there its forward is wrapped (one row only: rows that leave the
+    batch would shift the others)."""
     tokenizer = build_tokenizer(kind)
     ensure_pad_token(tokenizer)  # as the loader does for a base model
     model = build_tiny_model(tokenizer).eval()
     force = ForceText(tokenizer, answers)
     same_prompt = [render(tokenizer, SCHEMA, QUESTIONS[0])[0]] * len(answers)  # one batch, rows in this order
+    extra = {"logits_processor": LogitsProcessorList([force])} if decoder == "hf" else {}
+    if decoder == "prune":
+        assert len(answers) == 1
+        real_forward = model.forward
+
+        def forced_forward(*args, **kwargs):
+            out = real_forward(*args, **kwargs)
+            out.logits[:, -1] = force(None, out.logits[:, -1])
+            return out
+
+        model.forward = forced_forward
     texts = generate(model, tokenizer, same_prompt, batch_size=len(answers), max_new_tokens=max_new_tokens,
-                     logits_processor=LogitsProcessorList([force]))
+                     decoder=decoder, **extra)
     return texts, force.steps
 
 
+@pytest.mark.parametrize("decoder", ["prune", "hf"])
 @pytest.mark.parametrize("continuation", ["\n\n### Question\nHow many concerts?", "\n### Question\nnext",
                                           "\nQuestion: How many concerts?", " ### SQL"])
-def test_a_base_model_stops_where_the_plain_format_goes_on(continuation):
+def test_a_base_model_stops_where_the_plain_format_goes_on(continuation, decoder):
     query = "SELECT count(*) FROM singer WHERE age > 20"
-    texts, steps = generate_forced("base", [query + continuation])
+    texts, steps = generate_forced("base", [query + continuation], decoder=decoder)
     assert texts == [query]
     assert steps < 30  # it stopped at the boundary, not at the 60-token cap
 
@@ -82,14 +146,16 @@ def test_each_answer_of_a_batch_stops_on_its_own():
     assert steps < 40
 
 
-def test_a_blank_line_before_any_content_does_not_stop_the_answer():
-    texts, _ = generate_forced("base", ["\n\nSELECT count(*) FROM singer\n\nmore"])
+@pytest.mark.parametrize("decoder", ["prune", "hf"])
+def test_a_blank_line_before_any_content_does_not_stop_the_answer(decoder):
+    texts, _ = generate_forced("base", ["\n\nSELECT count(*) FROM singer\n\nmore"], decoder=decoder)
     assert texts == ["\n\nSELECT count(*) FROM singer"]
 
 
-def test_chat_templates_stop_at_their_end_of_turn_only():
+@pytest.mark.parametrize("decoder", ["prune", "hf"])
+def test_chat_templates_stop_at_their_end_of_turn_only(decoder):
     # a chat model's answer may hold a blank line (prose around a fenced query); only its end-of-turn token ends it
     answer = "Here it is:\n\nSELECT count(*) FROM singer"
-    texts, steps = generate_forced("chatml", [answer], max_new_tokens=30)
+    texts, steps = generate_forced("chatml", [answer], max_new_tokens=30, decoder=decoder)
     assert texts[0].startswith(answer) and len(texts[0]) > len(answer)
     assert steps == 30
