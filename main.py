@@ -30,6 +30,7 @@ MAX_NEW_TOKENS = 160
 SQL_TIMEOUT_S = 30.0  # per query, enforced inside SQLite
 SCHEMA_SAMPLE_ROWS = 0  # sample rows per table in the prompt's schema
 QUANTIZATION = "auto"  # auto: 4-bit NF4 on CUDA, plain float32 LoRA on CPU; or "4bit" / "none"
+EVAL_PRECISION = "4bit"  # "4bit": evaluate as trained; "merged": base unquantized, adapter merged (faster, more memory)
 SEED = 0
 # --------------------------------------------------------------------------------------------------------
 
@@ -56,6 +57,7 @@ def config_defaults() -> dict:
         "sql_timeout_s": SQL_TIMEOUT_S,
         "schema_sample_rows": SCHEMA_SAMPLE_ROWS,
         "quantization": QUANTIZATION,
+        "eval_precision": EVAL_PRECISION,
         "seed": SEED,
     }
 

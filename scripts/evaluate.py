@@ -152,15 +152,11 @@ class ModelCache:
         """(model, tokenizer) for the base model, or the base model with this adapter."""
         key = adapter or ""
         if self._key != key:
-            from scripts.models import load_model_and_tokenizer
+            from scripts.models import load_for_evaluation
 
             self._loaded = None  # free the previous model before loading the next one
-            self._loaded = load_model_and_tokenizer(
-                self.settings.base_model_id,
-                adapter=adapter,
-                quantization=self.settings.quantization,
-                token=self.settings.hf_token,
-            )
+            self._loaded = load_for_evaluation(self.settings.base_model_id, adapter, self.settings.quantization,
+                                               self.settings.eval_precision, token=self.settings.hf_token)
             self._key = key
         return self._loaded
 
@@ -196,7 +192,8 @@ def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, 
             kind=name,
             model=settings.base_model_id,
             adapter=adapter,
-            config={"max_new_tokens": settings.max_new_tokens, "schema_sample_rows": settings.schema_sample_rows},
+            config={"max_new_tokens": settings.max_new_tokens, "schema_sample_rows": settings.schema_sample_rows,
+                    "eval_precision": settings.eval_precision},
             data_fingerprint=key,
         )
         run_id = distributed.broadcast(run_id)
@@ -248,7 +245,8 @@ def _ex_key(settings, examples, adapter) -> str:
         adapter_stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
     return fingerprint(
         settings.base_model_id, adapter, adapter_stamp, [example_key(e) for e in examples],
-        settings.max_new_tokens, settings.schema_sample_rows, settings.sql_timeout_s,
+        settings.max_new_tokens, settings.schema_sample_rows, settings.sql_timeout_s, settings.quantization,
+        settings.eval_precision,
     )
 
 
@@ -257,7 +255,7 @@ def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
     import os
     import random
 
-    from scripts.models import load_model_and_tokenizer
+    from scripts.models import load_for_evaluation
     from scripts.spider_data import prepare_spider
     from scripts.store import ResultsStore
 
@@ -268,9 +266,8 @@ def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
     sample = random.Random(s["seed"]).sample(stored, min(n, len(stored)))
     examples = [{"db_id": r["db_id"], "question": r["question"], "query": r["gold_sql"]} for r in sample]
     layout = prepare_spider(Path(s["spider_zip"]), Path(s["data_dir"]))
-    model, tokenizer = load_model_and_tokenizer(
-        s["base_model_id"], adapter=results["best_adapter"], quantization=s["quantization"], token=os.environ.get("HF_TOKEN")
-    )
+    model, tokenizer = load_for_evaluation(s["base_model_id"], results["best_adapter"], s["quantization"],
+                                           s.get("eval_precision", "4bit"), token=os.environ.get("HF_TOKEN"))
     prompts = build_prompts(tokenizer, examples, layout, s["schema_sample_rows"])
     texts = generate(model, tokenizer, prompts, batch_size=s["eval_batch_size"], max_new_tokens=s["max_new_tokens"])
     sqls = [extract_sql(t or "", layout.db_path(e["db_id"])) for t, e in zip(texts, examples)]

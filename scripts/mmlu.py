@@ -547,7 +547,8 @@ def mmlu_stage(stage: str, settings, cache, store, models, adapter: str | None =
         log.info("%s: no adapter to evaluate; skipped", stage)
         return None
     key = fingerprint(settings.base_model_id, adapter, _adapter_stamp(adapter), str(settings.path_mmlu),
-                      settings.mmlu_per_subject, settings.seed, settings.mmlu_k_shot)
+                      settings.mmlu_per_subject, settings.seed, settings.mmlu_k_shot, settings.quantization,
+                      settings.eval_precision)
     if stage not in settings.stages:
         return cache.load(stage, key)
     return cache.run(stage, key, lambda: _run_mmlu(stage, settings, store, models, adapter))

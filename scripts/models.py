@@ -398,6 +398,24 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def load_for_evaluation(model_id: str, adapter: str | Path | None, quantization: str, eval_precision: str,
+                        token: str | None = None):
+    """(model, tokenizer) for the EX and MMLU stages: "4bit" as trained (QUANTIZATION's choice), or "merged":
+    the base model unquantized (bf16 on a GPU) with the adapter merged into its weights (faster decoding, about
+    2 bytes per parameter of GPU memory)."""
+    from scripts.settings import EVAL_PRECISIONS
+
+    if eval_precision not in EVAL_PRECISIONS:
+        raise UserError(f"EVAL_PRECISION must be one of {EVAL_PRECISIONS}, got {eval_precision!r} "
+                        "(main.py, .env or --eval-precision)")
+    if eval_precision == "4bit":
+        return load_model_and_tokenizer(model_id, adapter=adapter, quantization=quantization, token=token)
+    model, tokenizer = load_model_and_tokenizer(model_id, adapter=adapter, quantization="none", token=token)
+    if adapter is not None:
+        model = model.merge_and_unload().eval()
+    return model, tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Device facts for the report
 # ---------------------------------------------------------------------------------------------------------------

@@ -59,7 +59,9 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "",
         f"Model `{s['base_model_id']}`, {results['created']}. Spider dev examples: {base_ex.get('count', '-')} scored "
         f"(sample size {s['sample_size_eval'] or 'all'}); train sample {s['sample_size_train'] or 'all'}; "
-        f"MMLU {s['mmlu_k_shot']}-shot, {s['mmlu_per_subject'] or 'all'} per subject.",
+        f"MMLU {s['mmlu_k_shot']}-shot, {s['mmlu_per_subject'] or 'all'} per subject. Evaluated "
+        + ("as trained (quantization " + str(s.get("quantization")) + ")" if s.get("eval_precision", "4bit") == "4bit"
+           else "unquantized, adapters merged into the weights (EVAL_PRECISION=merged)") + ".",
         "",
         "## Execution accuracy (Spider dev) and MMLU",
         "",

@@ -23,6 +23,7 @@ STAGES = (
     "report",
 )
 QUANTIZATIONS = ("auto", "4bit", "none")
+EVAL_PRECISIONS = ("4bit", "merged")  # scripts/models.py: load_for_evaluation
 # .env / environment variable -> Settings field
 ENV_KEYS = {
     "HF_TOKEN": "hf_token",
@@ -33,6 +34,7 @@ ENV_KEYS = {
     "PATH_MMLU": "path_mmlu",
     "DB_PATH": "db_path",
     "RESULTS_DIR": "results_dir",
+    "EVAL_PRECISION": "eval_precision",
 }
 
 
@@ -51,6 +53,7 @@ class Settings:
     sql_timeout_s: float = 30.0
     schema_sample_rows: int = 0
     quantization: str = "auto"
+    eval_precision: str = "4bit"
     seed: int = 0
     spider_zip: Path = Path("spider_data.zip")
     data_dir: Path = Path("data/spider_data")
@@ -90,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--sql-timeout", dest="sql_timeout_s", type=float)
     p.add_argument("--quantization", choices=QUANTIZATIONS)
+    p.add_argument("--eval-precision", choices=EVAL_PRECISIONS,
+                   help="4bit: evaluate as trained; merged: base unquantized, adapter merged (faster, more memory)")
     p.add_argument("--spider-zip", dest="spider_zip", type=Path)
     p.add_argument("--mmlu", dest="path_mmlu", type=Path, help="MMLU folder in the original CSV layout")
     p.add_argument("--results-dir", type=Path)
@@ -186,6 +191,8 @@ def _validate(s: Settings) -> None:
         raise UserError(f"SQL_TIMEOUT_S must be > 0 seconds, got {s.sql_timeout_s!r}")
     if s.quantization not in QUANTIZATIONS:
         raise UserError(f"QUANTIZATION must be one of {QUANTIZATIONS}, got {s.quantization!r}")
+    if s.eval_precision not in EVAL_PRECISIONS:
+        raise UserError(f"EVAL_PRECISION must be one of {EVAL_PRECISIONS}, got {s.eval_precision!r}")
     if not isinstance(s.training_configs, list) or not all(isinstance(c, dict) for c in s.training_configs):
         raise UserError("TRAINING_CONFIGS must be a list of dicts (one dict of hyper-parameters per training run)")
     if not s.base_model_id:

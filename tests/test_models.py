@@ -177,6 +177,22 @@ def test_adapter_is_loaded_in_eval_mode(tmp_path):
     assert not torch.allclose(_logits(model, tokenizer), _logits(base, tokenizer), atol=1e-3)
 
 
+def test_merged_evaluation_gives_the_adapters_logits_without_peft(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    folder = save_tiny_model(tmp_path / "m", "chatml")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(build_tiny_model(build_tokenizer("chatml")), lora).save_pretrained(tmp_path / "adapter")
+
+    as_trained, tokenizer = models.load_for_evaluation(str(folder), tmp_path / "adapter", "none", "4bit")
+    merged, _ = models.load_for_evaluation(str(folder), tmp_path / "adapter", "none", "merged")
+    assert isinstance(as_trained, PeftModel) and not isinstance(merged, PeftModel) and not merged.training
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert torch.allclose(_logits(merged, tokenizer), _logits(as_trained, tokenizer), atol=1e-5)
+    with pytest.raises(UserError, match="EVAL_PRECISION"):
+        models.load_for_evaluation(str(folder), None, "none", "bf16")
+
+
 def test_missing_adapter_is_a_user_error(tmp_path):
     folder = save_tiny_model(tmp_path / "m", "chatml")
     with pytest.raises(UserError, match="adapter_config.json"):
