@@ -38,6 +38,7 @@ SEED = 0
 
 from scripts import distributed, evaluate, mmlu, pre_proc, regression, report, spider_data, training  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
+from scripts.models import check_model_source  # noqa: E402
 from scripts.run_state import StageCache  # noqa: E402
 from scripts.settings import Settings, parse_args, resolve_settings  # noqa: E402
 from scripts.store import ResultsStore  # noqa: E402
@@ -66,6 +67,7 @@ def config_defaults() -> dict:
 def run(s: Settings) -> dict:
     """The whole pipeline, stage by stage; a stage left out of --stages reuses its saved result if any."""
     training.validate_training_configs(s.training_configs)  # every input is checked before anything is written
+    check_model_source(s.base_model_id, s.hf_token)  # a missing path, an unknown Hub id, the Hub unreachable
     mmlu.check_data(s)
     data = spider_data.prepare_stage(s)  # 1. the train and evaluation sets and their databases (Spider's or yours)
     cache = StageCache(s.results_dir / "stages", force=s.force)

@@ -381,6 +381,7 @@ def test_answers_other_processes_spooled_before_an_interruption_are_recovered(fu
     (("--training-configs", '[{"lr": 0.1}]'), "unknown key(s) ['lr']; allowed keys: learning_rate"),
     (("--stages", "train,evaluate"), "unknown stage(s) ['evaluate'] in --stages; choose from data"),
     (("--mmlu", "nowhere/mmlu"), "point PATH_MMLU (or --mmlu) at the MMLU data folder"),
+    (("--model", "nowhere/model.gguf"), "no such .gguf file"),
 ])
 def test_user_error_exits_with_status_2_names_the_fix_and_writes_nothing(inputs, tmp_path, monkeypatch, caplog, capsys,
                                                                         extra, fix):
