@@ -261,3 +261,13 @@ def test_env_example_documents_every_key_and_parses_uncommented(tmp_path: Path, 
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     assert s.path_task_eval_dataset == (Path("my_data/my_eval.json"), Path("my_data/holdout.jsonl"))
     assert len(s.training_configs) == 2 and s.sample_size_eval == 200
+
+
+def test_help_says_which_settings_are_inputs_and_outputs(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--ft-dataset FILE input: your train set", "--eval-dataset FILE[,FILE...] input: your evaluation set",
+                 "--databases DIR input:", "--spider-zip SPIDER_ZIP input:", "--mmlu PATH_MMLU input:",
+                 "--results-dir RESULTS_DIR output:", "--db-path DB_PATH output:"):
+        assert flag in text, flag
