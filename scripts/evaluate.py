@@ -1,4 +1,4 @@
-"""Stages 2 and 5: generate SQL for each evaluation set's questions, extract it from the model's text, score execution accuracy."""
+"""Stages 2 and 5: generate SQL for each evaluation set, extract it from the model's text, score execution accuracy."""
 from __future__ import annotations
 
 import dataclasses
@@ -255,7 +255,7 @@ class ModelCache:
 
 
 def eval_examples(settings, data) -> list:
-    """Each evaluation set with its examples to evaluate (seeded subset), written to RESULTS_DIR/eval_sets/<name>.jsonl."""
+    """Each evaluation set with the examples to evaluate (seeded subset), saved as RESULTS_DIR/eval_sets/<name>.jsonl."""
     from scripts.spider_data import missing_databases, sample_examples
 
     chosen = []
@@ -358,7 +358,7 @@ def _ex_key(settings, layout: SpiderLayout, examples, adapter) -> str:
 
 
 def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
-    """Reload the best adapter, regenerate SQL for n stored examples of the first set; agreement with the store, EX of both."""
+    """Reload the best adapter, regenerate SQL for n stored examples of the first set; agreement with the store, EX."""
     import os
     import random
 

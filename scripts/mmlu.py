@@ -546,7 +546,7 @@ def _result_row(question: dict, loglik: list[float]) -> dict:
 # --- stage ------------------------------------------------------------------------------------------------
 
 def check_data(settings) -> None:
-    """Read PATH_MMLU's test and dev CSVs when an MMLU stage runs, so a bad file stops the run before anything is written."""
+    """Read PATH_MMLU's CSVs when an MMLU stage runs: a bad file stops the run before anything is written."""
     if settings.path_mmlu is None or not {"baseline_mmlu", "mmlu_best"} & set(settings.stages):
         return  # the Hub's copy is checked when it is loaded
     load_mmlu(settings.path_mmlu, "test")

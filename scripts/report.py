@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 LEVELS = ("easy", "medium", "hard", "extra")
 
 
-def report_stage(settings, eval_sets, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu, analysis) -> dict:
+def report_stage(settings, eval_sets, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu,
+                 analysis) -> dict:
     """Write results.json, report.md and the PNG plots; return the results dict.
 
     `baseline_ex` is {set name: EX summary}, `tuned_ex` {run name: {set name: summary}}; `ex` is the first set's
@@ -25,7 +26,8 @@ def report_stage(settings, eval_sets, baseline_ex, baseline_mmlu, adapters, tune
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings.public(),
         "eval_sets": [
-            {"name": d.name, "source": d.source, "examples": len(d.examples), "database_dir": str(d.layout.database_dir),
+            {"name": d.name, "source": d.source, "examples": len(d.examples),
+             "database_dir": str(d.layout.database_dir),
              "tables_file": str(d.layout.tables_file) if d.layout.tables_file else None,
              "evaluated_file": str(settings.evaluated_dir / f"{d.name}.jsonl")}
             for d in eval_sets
@@ -73,7 +75,8 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "# Text-to-SQL fine-tuning report",
         "",
         f"Model `{s['base_model_id']}`, {results['created']}. Evaluation set `{first}`: {base_ex.get('count', '-')} "
-        f"examples scored (sample size {s['sample_size_eval'] or 'all'}); train sample {s['sample_size_train'] or 'all'}; "
+        f"examples scored (sample size {s['sample_size_eval'] or 'all'}); "
+        f"train sample {s['sample_size_train'] or 'all'}; "
         f"MMLU {s['mmlu_k_shot']}-shot, {s['mmlu_per_subject'] or 'all'} per subject.",
         "",
         f"## Execution accuracy (`{first}`) and MMLU",
@@ -93,7 +96,8 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         rows = [("baseline", results["baseline"].get("ex_by_set") or {})]
         rows += [(name, run.get("ex_by_set") or {}) for name, run in results["runs"].items()]
         for name, by_set in rows:
-            cells = [f"{_pct((by_set.get(d) or {}).get('ex'))} ({(by_set.get(d) or {}).get('count', '-')})" for d in sets]
+            cells = [f"{_pct((by_set.get(d) or {}).get('ex'))} ({(by_set.get(d) or {}).get('count', '-')})"
+                     for d in sets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "EX counts only examples whose database exists; errors by class:", ""]
     for name, by_set in [("baseline", results["baseline"].get("ex_by_set") or {})] + [

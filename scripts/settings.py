@@ -136,7 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="input: spider_data.zip or an unpacked Spider folder (not needed with all three above)")
     p.add_argument("--mmlu", dest="path_mmlu", type=Path, help="input: MMLU folder in the original CSV layout")
     p.add_argument("--results-dir", type=Path, help="output: adapters, stage results, report (default: results)")
-    p.add_argument("--db-path", type=Path, help="output: the SQLite results store (default: <results-dir>/results.sqlite)")
+    p.add_argument("--db-path", type=Path,
+                   help="output: the SQLite results store (default: <results-dir>/results.sqlite)")
     p.add_argument("--seed", type=int)
     p.add_argument("--force", action="store_true", default=None, help="redo stages and training runs that exist")
     p.add_argument("--demo", action="store_true", default=None, help="the bundled demo data and SmolLM2-135M-Instruct")

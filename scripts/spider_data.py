@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from custom_metrics.execution_accuracy import DB_MISSING, OK, check_golds, database_files, database_path
 from scripts import distributed
 from scripts.errors import UserError
+from scripts.store import data_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -156,21 +157,21 @@ def load_user_set(path: Path, setting: str, databases: SpiderLayout, timeout: fl
     `unique` (evaluation sets) also leaves out a repeated (db_id, question): the store keys an answer by them.
     """
     path = Path(path)
-    examples = read_user_examples(path, setting)
+    examples, places = read_user_examples(path, setting)
     _check_database_files(examples, databases, path)
     outcomes = check_golds([e["query"] for e in examples], [e["db_id"] for e in examples], databases.database_dir,
                            timeout=timeout)
     kept, no_db, failing, repeated, seen = [], Counter(), [], [], {}
-    for i, (example, outcome) in enumerate(zip(examples, outcomes)):
+    for place, example, outcome in zip(places, examples, outcomes):
         key = (example["db_id"], example["question"])
         if outcome["error"] == DB_MISSING:
             no_db[example["db_id"]] += 1
         elif outcome["error"] != OK:
-            failing.append(f"entry {i} ({example['db_id']}): {outcome['message']}")
+            failing.append(f"{place} ({example['db_id']}): {outcome['message']}")
         elif unique and key in seen:
-            repeated.append(f"entry {i} repeats entry {seen[key]}")
+            repeated.append(f"{place} repeats {seen[key]}")
         else:
-            seen.setdefault(key, i)
+            seen[key] = place
             kept.append(example)
     if distributed.is_main():
         _report_left_out(path, databases.database_dir, len(examples), no_db, failing, repeated)
@@ -184,18 +185,18 @@ def load_user_set(path: Path, setting: str, databases: SpiderLayout, timeout: fl
     return DataSet(path.stem, str(path), kept, databases, set_fingerprint(kept, databases))
 
 
-def read_user_examples(path: Path, setting: str) -> list[dict]:
-    """A user's file of examples: it exists, parses, and each entry has question/query/db_id (other fields dropped)."""
+def read_user_examples(path: Path, setting: str) -> tuple[list[dict], tuple[str, ...]]:
+    """A user's file: it exists, parses, each entry has question/query/db_id (other fields dropped); with places."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "not found"
         raise UserError(f"{setting}: {path} {what}; give a JSON list or JSON lines file of "
                         f"{{\"question\", \"query\", \"db_id\"}} examples ({USER_FIX})")
-    examples = [{k: e[k] for k in REQUIRED_FIELDS} for e in read_examples(path, USER_FIX)]
-    if not examples:
+    data, places = read_examples_and_places(path, USER_FIX)
+    if not data:
         raise UserError(f"{setting}: {path} holds no examples; add {{\"question\", \"query\", \"db_id\"}} "
                         f"entries ({USER_FIX})")
-    return examples
+    return [{k: e[k] for k in REQUIRED_FIELDS} for e in data], places
 
 
 def load_split(layout: SpiderLayout, split: str) -> list[dict]:
@@ -226,8 +227,6 @@ def sample_examples(examples: Sequence[dict], n: int | None, seed: int) -> list[
 
 def set_fingerprint(examples: Sequence[dict], layout: SpiderLayout) -> str:
     """A hash of what a set's results depend on: its examples and the bytes of their databases (not the paths)."""
-    from scripts.store import data_fingerprint
-
     db_ids = sorted({e["db_id"] for e in examples})
     return data_fingerprint([[[e[k] for k in REQUIRED_FIELDS] for e in examples],
                              {db_id: databases_fingerprint(layout.database_dir, db_id) for db_id in db_ids}])
@@ -434,29 +433,35 @@ def validate_layout(root: Path) -> SpiderLayout:
 
 
 def read_examples(path: Path, fix: str = FIX_HINT) -> list[dict]:
-    """The examples of one file (a JSON list, or JSON lines), each checked for question/query/db_id (parsed once per file version)."""
+    """The examples of one file (a JSON list, or JSON lines), each checked for question/query/db_id."""
+    return read_examples_and_places(path, fix)[0]
+
+
+def read_examples_and_places(path: Path, fix: str = FIX_HINT) -> tuple[list[dict], tuple[str, ...]]:
+    """read_examples, and where each example is in the file ("entry 3" of a list, "line 4" of JSON lines)."""
     stat = path.stat()
     return _read_examples_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, fix)
 
 
 @lru_cache(maxsize=8)
-def _read_examples_cached(path: str, size: int, mtime_ns: int, fix: str) -> list[dict]:
-    """read_examples, keyed on the file's size and mtime so that an edited file is read again."""
+def _read_examples_cached(path: str, size: int, mtime_ns: int, fix: str) -> tuple[list[dict], tuple[str, ...]]:
+    """read_examples_and_places, keyed on the file's size and mtime so that an edited file is read again."""
     text = _read_text(Path(path), fix)
     if text.lstrip().startswith("["):
-        data, places = _parse_json(Path(path), text, fix), None
+        data = _parse_json(Path(path), text, fix)
+        places = tuple(f"entry {i}" for i in range(len(data) if isinstance(data, list) else 0))
     else:  # JSON lines: an entry is named by its line
         data = _parse_json_lines(Path(path), text, fix)
-        places = [f"line {n}" for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        places = tuple(f"line {n}" for n, line in enumerate(text.splitlines(), 1) if line.strip())
     if not isinstance(data, list):
         raise UserError(f"{path} should hold a JSON list of examples, found {type(data).__name__}; {fix}")
-    for i, entry in enumerate(data):
+    for place, entry in zip(places, data):
         lacking = [k for k in REQUIRED_FIELDS
                    if not isinstance(entry, dict) or not isinstance(entry.get(k), str) or not entry[k].strip()]
         if lacking:
-            raise UserError(f"{path}: {places[i] if places else f'entry {i}'} lacks {', '.join(lacking)} (each example needs question, query "
-                            f"and db_id as non-empty strings; other fields are ignored); fix or remove that entry")
-    return data
+            raise UserError(f"{path}: {place} lacks {', '.join(lacking)} (each example needs question, query and "
+                            "db_id as non-empty strings; other fields are ignored); fix or remove that entry")
+    return data, places
 
 
 def _parse_json_lines(path: Path, text: str, fix: str) -> list:

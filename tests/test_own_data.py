@@ -134,7 +134,7 @@ def test_json_list_and_json_lines_both_load_extra_fields_dropped_both_layouts(da
     log = caplog.text
     assert f"{data.train}: 1 of 10 examples left out, their db_id has no database in {data.dbs}" in log
     assert "{'space': 1}" in log
-    assert "1 of 10 examples left out, their gold query fails on its database: entry 8 (pets)" in log
+    assert "1 of 10 examples left out, their gold query fails on its database: line 9 (pets)" in log
     assert "no such column: colour" in log
 
     evaluation = load_user_set(data.eval, EVAL_SETTING, dbs, 5.0, unique=True)
