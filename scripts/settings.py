@@ -47,6 +47,7 @@ ENV_KEYS = {
     "RESULTS_DIR": "results_dir",  # output: everything else
 }
 CHECK_KEYS = ("MIN_EX", "MAX_MMLU_DROP", "LIVE_SAMPLE", "LIVE_MIN_AGREEMENT")  # .env keys of scripts/test.py
+LIBRARY_PREFIXES = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "ACCELERATE_", "CUDA_")  # environment variables of libraries
 SIZES = ("sample_size_eval", "sample_size_train", "mmlu_per_subject")  # a positive integer, or None for all
 INTEGERS = ("mmlu_k_shot", "eval_batch_size", "max_new_tokens", "schema_sample_rows", "seed")
 PATHS = ("spider_zip", "data_dir", "results_dir", "db_path", "path_ft_dataset", "path_databases", "path_mmlu")
@@ -188,6 +189,9 @@ def read_env(env_file: Path | None, environ: dict) -> dict[str, tuple[str, str]]
             if key in ENV_KEYS:
                 if value:  # KEY= (empty) leaves the setting as it is
                     found[key] = (value, str(path))
+            elif key.startswith(LIBRARY_PREFIXES):  # e.g. HF_HUB_OFFLINE: read by the libraries from the environment
+                log.warning("%s: %s is ignored here; the libraries read it from the environment (export %s=...)",
+                            path, key, key)
             elif key not in CHECK_KEYS:
                 closest = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.0)
                 log.warning("%s: unknown key %s is ignored; did you mean %s? (every key: .env.example)",

@@ -120,6 +120,10 @@ def test_unknown_env_key_is_warned_about_with_the_closest_known_one(tmp_path: Pa
     assert "unknown key SAMPLE_SIZE_EVALL" in warnings[0] and "did you mean SAMPLE_SIZE_EVAL?" in warnings[0]
     assert str(tmp_path / ".env") in warnings[0]
     assert "did you mean BASE_MODEL_ID?" in warnings[1]
+    caplog.clear()
+    settings(tmp_path, env_file="HF_HUB_OFFLINE=1\n")  # a library's variable: it belongs in the environment
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "HF_HUB_OFFLINE is ignored here" in warning and "export HF_HUB_OFFLINE=..." in warning
 
 
 def test_env_file_given_but_missing_is_an_error_a_missing_default_is_not(tmp_path: Path, monkeypatch) -> None:
