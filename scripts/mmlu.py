@@ -72,18 +72,25 @@ def load_csv_split(root: Path, split: str) -> list[dict]:
 def read_subject_csv(file: Path, subject: str) -> list[dict]:
     """One subject's questions from its CSV; a malformed row raises UserError naming file and line."""
     questions = []
-    with open(file, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            if len(row) != 6:
-                raise UserError(f"{file}:{reader.line_num}: expected 6 columns (question, A, B, C, D, answer), "
-                                f"found {len(row)}; fix or remove that row")
-            answer = row[5].strip().upper()
-            if answer not in LETTERS:
-                raise UserError(f"{file}:{reader.line_num}: answer {row[5]!r} is not one of A, B, C, D; fix that row")
-            questions.append(
-                {"subject": subject, "index": len(questions), "question": row[0], "choices": row[1:5], "answer": answer}
-            )
+    try:
+        with open(file, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                        "(the original MMLU CSVs are)") from None
+    except csv.Error as e:
+        raise UserError(f"{file} is not a readable CSV file ({e}); fix it or get a fresh copy of MMLU") from None
+    for line_num, row in rows:
+        if len(row) != 6:
+            raise UserError(f"{file}:{line_num}: expected 6 columns (question, A, B, C, D, answer), "
+                            f"found {len(row)}; fix or remove that row")
+        answer = row[5].strip().upper()
+        if answer not in LETTERS:
+            raise UserError(f"{file}:{line_num}: answer {row[5]!r} is not one of A, B, C, D; fix that row")
+        questions.append(
+            {"subject": subject, "index": len(questions), "question": row[0], "choices": row[1:5], "answer": answer}
+        )
     return questions
 
 
@@ -538,6 +545,15 @@ def _result_row(question: dict, loglik: list[float]) -> dict:
 
 
 # --- stage ------------------------------------------------------------------------------------------------
+
+def check_data(settings) -> None:
+    """Read PATH_MMLU's CSVs when an MMLU stage runs: a bad file stops the run before anything is written."""
+    if settings.path_mmlu is None or not {"baseline_mmlu", "mmlu_best"} & set(settings.stages):
+        return  # the Hub's copy is checked when it is loaded
+    load_mmlu(settings.path_mmlu, "test")
+    if settings.mmlu_k_shot > 0:
+        load_mmlu(settings.path_mmlu, "dev")
+
 
 def mmlu_stage(stage: str, settings, cache, store, models, adapter: str | None = None) -> dict | None:
     """Stage 2 (base model) or 6 (best adapter): MMLU accuracy, answers in the store, resumable."""

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("cache/models")
 SLOW_TOKENIZER_PREFIX = "openlm-research/open_llama"  # its authors advise against the auto-converted fast tokenizer
 GGUF_MARKER = "gguf_source.json"  # written last into a GGUF cache folder: the conversion finished
+HUB_PROBE_TIMEOUT_S = 10.0  # one request to the Hub before loading; a Hub that does not answer in time is unreachable
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,58 @@ def _hub_gguf(model_id: str, token: str | None) -> ModelSource:
     with hub_errors(model_id):
         local = Path(hf_hub_download(repo_id=repo_id, filename=filename, token=token))
     return ModelSource("gguf", str(local), gguf_file=local)
+
+
+def check_model_source(model_id: str, token: str | None = None) -> None:
+    """Fail fast, before anything is written: a missing local path, an unknown Hub id, or a Hub that cannot be reached."""
+    model_id = str(model_id)
+    if model_id.endswith(".gguf") and not Path(model_id).expanduser().is_file():
+        if _looks_like_local_gguf(model_id) or model_id.count("/") < 2:
+            _hub_gguf(model_id, token)  # raises the missing-file message
+        parts = model_id.split("/")
+        check_hub(model_id, "/".join(parts[:2]), "/".join(parts[2:]), token)
+        return
+    if resolve_source(model_id, token).kind == "hub":
+        check_hub(model_id, model_id, "config.json", token)
+
+
+def check_hub(model_id: str, repo_id: str, filename: str, token: str | None = None) -> None:
+    """One quick request to the Hub for repo_id, without retries: unknown or unreachable is a UserError at once.
+
+    Offline (HF_HUB_OFFLINE=1) nothing is asked of the Hub: the local cache must hold the repo's `filename`.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub import errors as hub
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if _offline_mode():
+        if not _in_hub_cache(repo_id, filename):
+            raise UserError(f"{model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set. "
+                            "Download it once with network access, or set BASE_MODEL_ID to a local folder or .gguf file")
+        return
+    try:
+        HfApi(endpoint=endpoint).model_info(repo_id, token=token or False, timeout=HUB_PROBE_TIMEOUT_S)
+    except (hub.RepositoryNotFoundError, hub.HFValidationError) as error:
+        raise UserError(hub_error_message(model_id, error)) from None
+    except hub.HfHubHTTPError:
+        return  # the Hub answered (gated, rate limit, ...): the loader reports what it means
+    except Exception as error:  # noqa: BLE001 - no answer at all (refused, timed out, DNS): the Hub is unreachable
+        advice = (f"{model_id!r} is in the local cache: set HF_HUB_OFFLINE=1 to use it without the Hub"
+                  if _in_hub_cache(repo_id, filename) else
+                  f"{model_id!r} is not in the local cache: download it once with network access, or set BASE_MODEL_ID "
+                  "to a local folder or .gguf file (and HF_HUB_OFFLINE=1 to run with no network at all)")
+        raise UserError(f"the Hugging Face Hub ({endpoint}) cannot be reached ({type(error).__name__}); {advice}") \
+            from None
+
+
+def _in_hub_cache(repo_id: str, filename: str) -> bool:
+    """Whether the local Hub cache holds `filename` of repo_id's main revision."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # noqa: BLE001 - an id the cache cannot even look up is not cached
+        return False
 
 
 def _looks_like_local_gguf(model_id: str) -> bool:

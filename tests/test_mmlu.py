@@ -117,6 +117,9 @@ def test_user_errors_name_the_file_and_line(tmp_path, mmlu_dir):
     bad.write_text("q1,a,b,c,d,A\nq2,a,b,c,d,E\n", encoding="utf-8")
     with pytest.raises(UserError, match=f"{bad}:2: answer 'E' is not one of A, B, C, D"):
         load_mmlu(mmlu_dir)
+    bad.write_bytes("q1,caf\u00e9,b,c,d,A\n".encode("latin-1"))  # not UTF-8
+    with pytest.raises(UserError, match=f"{bad} is not UTF-8 text .* at byte 6\\); save it as UTF-8"):
+        load_mmlu(mmlu_dir)
     (mmlu_dir / "dev").rename(tmp_path / "elsewhere")
     with pytest.raises(UserError, match="dev is missing"):
         load_mmlu(mmlu_dir, "dev")

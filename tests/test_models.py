@@ -214,6 +214,55 @@ def test_hub_id_offline_is_a_user_error_naming_offline_mode(monkeypatch):
     assert FAKE_TOKEN not in str(caught.value)
 
 
+def _closed_port() -> int:
+    """A local TCP port that nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_unreachable_hub_fails_fast_through_main_and_suggests_offline_mode(tmp_path, cached):
+    """main.py with the Hub at a closed local port: one attempt, exit 2 within seconds (not ~50 s of retries)."""
+    import subprocess
+    import sys
+    import time
+
+    hf_home = tmp_path / "hf"
+    if cached:  # the local cache holds the model: the advice is to use it offline
+        repo = hf_home / "hub" / "models--nobody--no-such-model"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(hf_home), OMP_NUM_THREADS="1")
+    (tmp_path / "empty.env").write_text("")
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent.parent / "main.py"), "--model", "nobody/no-such-model",
+         "--stages", "baseline_ex", "--results-dir", "out", "--env-file", "empty.env"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "cannot be reached" in output and "HF_HUB_OFFLINE=1" in output
+    assert ("is in the local cache: set HF_HUB_OFFLINE=1" in output) == cached
+    assert "Retrying" not in output and "Traceback" not in output
+    assert seconds < 20, f"{seconds:.1f} s to give up on an unreachable Hub"
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_and_not_cached_fails_before_anything_is_loaded(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set"):
+        models.check_model_source("nobody-xyz/not-a-real-model-123", token=FAKE_TOKEN)
+    with pytest.raises(UserError, match="no such"):
+        models.check_model_source("./not-here/model")
+
+
 def test_gated_and_missing_hub_messages():
     gated = OSError("You are trying to access a gated repo.\nMake sure to have access to it at https://...")
     assert "set HF_TOKEN in .env" in hub_error_message("meta-llama/Llama-2-7b-hf", gated)

@@ -307,18 +307,18 @@ def test_stages_3_and_4_on_real_spider(shared_spider, tmp_path):
 
     from scripts.pre_proc import load_jsonl, preprocess_stage
     from scripts.run_state import StageCache
-    from scripts.spider_data import prepare_spider
+    from scripts.spider_data import prepare_spider, spider_set
     from scripts.training import train_stage
 
     loader = TinyLoader("chatml")
     settings = SimpleNamespace(
         base_model_id="tiny/chatml", training_configs=[{"max_steps": 2, "max_length": 4096, "logging_steps": 1}],
-        sample_size_train=6, seed=3, schema_sample_rows=2, path_ft_dataset=tmp_path / "ft.jsonl",
+        sample_size_train=6, seed=3, schema_sample_rows=2, train_chat_file=tmp_path / "ft.jsonl",
         stages=("preprocess", "train"), results_dir=tmp_path / "results", quantization="none", hf_token=None, force=False,
     )
     models = SimpleNamespace(get=lambda adapter=None: loader("tiny/chatml", quantization="none", token=None, for_training=True))
-    layout = prepare_spider(shared_spider, tmp_path / "unused")
-    train_set = preprocess_stage(settings, StageCache(tmp_path / "stages"), layout, models)
+    train = spider_set(prepare_spider(shared_spider, tmp_path / "unused"), "train")
+    train_set = preprocess_stage(settings, StageCache(tmp_path / "stages"), train, models)
     rows = load_jsonl(train_set["path"])
     assert train_set["stats"]["sampled"] == 6 and len(rows) == train_set["stats"]["kept"] > 0
     assert all(r["completion"].endswith("<|im_end|>") and "CREATE TABLE" in r["prompt"] for r in rows)
