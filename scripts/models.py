@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("cache/models")
 SLOW_TOKENIZER_PREFIX = "openlm-research/open_llama"  # its authors advise against the auto-converted fast tokenizer
+SENTENCEPIECE_FILE = "tokenizer.model"
 GGUF_MARKER = "gguf_source.json"  # written last into a GGUF cache folder: the conversion finished
 
 
@@ -67,9 +68,18 @@ def compute_dtype(cuda_available: bool | None = None, bf16_supported: bool | Non
     return torch.bfloat16 if bf16 else torch.float16
 
 
-def default_use_fast(model_id: str) -> bool:
-    """False only for OpenLLaMA, whose authors report wrong tokenizations from the auto-converted fast tokenizer."""
-    return not str(model_id).startswith(SLOW_TOKENIZER_PREFIX)
+def default_use_fast(model_id: str, folder: str | Path | None = None) -> bool:
+    """False (sentencepiece's own tokenizer) for OpenLLaMA ids and for a folder with tokenizer.model but no tokenizer.json.
+
+    OpenLLaMA's authors report wrong tokenizations from the auto-converted fast tokenizer, and transformers 5 cannot
+    convert a sentencepiece-only folder without protobuf; a folder that has a tokenizer.json loads it as it is.
+    """
+    if str(model_id).startswith(SLOW_TOKENIZER_PREFIX):
+        return False
+    if folder is not None and Path(folder).is_dir():
+        folder = Path(folder)
+        return not ((folder / SENTENCEPIECE_FILE).is_file() and not (folder / "tokenizer.json").is_file())
+    return True
 
 
 def _looks_like_path(model_id: str) -> bool:
@@ -186,30 +196,40 @@ def ensure_pad_token(tokenizer) -> None:
     log.info("tokenizer has no pad token: using %r (no new token, embeddings unchanged)", fallback)
 
 
-def _tokenizer_backend_kwargs(use_fast: bool) -> dict:
-    """from_pretrained kwargs for the fast (tokenizers) or slow (sentencepiece) backend of transformers 5."""
-    if use_fast:
-        return {}
+def _sentencepiece_tokenizer_class():
+    """scripts.sentencepiece_tokenizer.SentencePieceTokenizer, or a UserError saying how to install sentencepiece."""
     if importlib.util.find_spec("sentencepiece") is None:
-        raise UserError("this model's tokenizer must be loaded with sentencepiece (use_fast=False: the converted fast "
-                        "tokenizer mis-tokenizes it); install it with `pip install sentencepiece`")
-    return {"backend": "sentencepiece", "use_fast": False}
+        raise UserError("this model's tokenizer is a sentencepiece tokenizer.model, read by the sentencepiece package "
+                        "(the auto-converted fast tokenizer mis-tokenizes it): install it with "
+                        "`pip install sentencepiece` (it is in requirements.txt)")
+    from scripts.sentencepiece_tokenizer import SentencePieceTokenizer
+
+    return SentencePieceTokenizer
 
 
-def _load_tokenizer_from(source: ModelSource, model_id: str, token: str | None, use_fast: bool):
-    """AutoTokenizer for a resolved (non-GGUF) source, Hub errors translated."""
+def _load_tokenizer_from(source: ModelSource, model_id: str, token: str | None, use_fast: bool | None):
+    """The fast tokenizer (AutoTokenizer) or sentencepiece's own for a resolved (non-GGUF) source, Hub errors translated."""
     from transformers import AutoTokenizer
 
+    if use_fast is None:
+        use_fast = default_use_fast(model_id, source.path if source.kind == "folder" else None)
+    if use_fast:
+        with hub_errors(model_id):
+            return AutoTokenizer.from_pretrained(source.path, token=token)
+    tokenizer_class = _sentencepiece_tokenizer_class()
+    if source.kind == "folder" and not (Path(source.path) / SENTENCEPIECE_FILE).is_file():
+        raise UserError(f"{source.path} has no {SENTENCEPIECE_FILE}, so its tokenizer cannot be loaded with "
+                        "sentencepiece (use_fast=False): leave use_fast unset to load its tokenizer.json")
+    log.info("tokenizer: sentencepiece's own (%s), not a converted fast tokenizer", SENTENCEPIECE_FILE)
     with hub_errors(model_id):
-        return AutoTokenizer.from_pretrained(source.path, token=token, **_tokenizer_backend_kwargs(use_fast))
+        return tokenizer_class.from_pretrained(source.path, token=token)
 
 
 def load_tokenizer(model_id: str, token: str | None = None, *, use_fast: bool | None = None,
                    cache_dir: Path = DEFAULT_CACHE_DIR):
-    """The model's tokenizer with a pad token and padding_side="left" (for generation)."""
+    """The model's tokenizer with a pad token and padding_side="left" (for generation); use_fast: see default_use_fast."""
     token = _token(token)
     source = _prepared_source(str(model_id), token, Path(cache_dir))
-    use_fast = default_use_fast(str(model_id)) if use_fast is None else use_fast
     tokenizer = _load_tokenizer_from(source, str(model_id), token, use_fast)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
@@ -364,7 +384,7 @@ def load_model_and_tokenizer(
 ):
     """(model, tokenizer) for a Hub id, local folder or .gguf; 4-bit NF4 or full precision; optional PEFT adapter.
 
-    The tokenizer has a pad token and padding_side="left"; attn_implementation (e.g. "eager") overrides the model's
+    The tokenizer has a pad token and padding_side="left" (use_fast=None: see default_use_fast); attn_implementation (e.g. "eager") overrides the model's
     default attention. For training with 4-bit the model goes through peft.prepare_model_for_kbit_training
     (gradient checkpointing as given); otherwise the model is in eval mode.
     """
@@ -375,7 +395,6 @@ def load_model_and_tokenizer(
     chosen, why = choose_quantization(quantization, cuda)
     log.info("quantization: %s (%s); dtype %s", chosen, why, str(compute_dtype(cuda)).replace("torch.", ""))
     source = _prepared_source(str(model_id), token, Path(cache_dir))
-    use_fast = default_use_fast(str(model_id)) if use_fast is None else use_fast
     tokenizer = _load_tokenizer_from(source, str(model_id), token, use_fast)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
