@@ -72,6 +72,7 @@ def run(s: Settings) -> dict:
         baseline_ex = evaluate.ex_stage("baseline_ex", "baseline_ex", s, cache, store, models, layout, dev)  # 2. baseline EX
         baseline_mmlu = mmlu.mmlu_stage("baseline_mmlu", s, cache, store, models)  # 2. baseline MMLU
         train_set = pre_proc.preprocess_stage(s, cache, layout, models)  # 3. train set in chat format
+        models.release()  # the evaluation model leaves the GPU before training loads its own
         adapters = training.train_stage(s, train_set)  # 4. one QLoRA run per config
         tuned_ex = evaluate.adapters_stage(s, cache, store, models, layout, dev, adapters)  # 5. EX per adapter
         best = evaluate.best_adapter(tuned_ex)

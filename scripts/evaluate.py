@@ -242,7 +242,7 @@ class ModelCache:
         if self._key != key:
             from scripts.models import load_model_and_tokenizer
 
-            self._loaded = None  # free the previous model before loading the next one
+            self.release()  # free the previous model before loading the next one
             self._loaded = load_model_and_tokenizer(
                 self.settings.base_model_id,
                 adapter=adapter,
@@ -251,6 +251,13 @@ class ModelCache:
             )
             self._key = key
         return self._loaded
+
+    def release(self) -> None:
+        """Drop the cached model and give its memory back (before training loads its own copy)."""
+        from scripts.gpu_memory import release_memory
+
+        self._key, self._loaded = None, None
+        release_memory()
 
 
 def dev_examples(settings, layout: SpiderLayout) -> list[dict]:

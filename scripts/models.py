@@ -59,13 +59,31 @@ def choose_quantization(requested: str, cuda_available: bool | None = None) -> t
     return requested, f"{requested} requested, running on {where}"
 
 
-def compute_dtype(cuda_available: bool | None = None, bf16_supported: bool | None = None) -> torch.dtype:
-    """bf16 on CUDA that supports it, fp16 on older CUDA, float32 on CPU (bf16 matmuls are ~10x slower there)."""
+@dataclass(frozen=True)
+class Precision:
+    """The compute dtype of weights and 4-bit matmuls, and the Trainer's mixed-precision flags, on this machine."""
+
+    dtype: torch.dtype
+    bf16: bool  # TrainingArguments(bf16=...)
+    fp16: bool  # TrainingArguments(fp16=...): with the trainable (LoRA) weights in float32
+    reason: str
+
+
+def precision(cuda_available: bool | None = None) -> Precision:
+    """bf16 on GPUs with native bf16 (Ampere on), fp16 mixed precision on older ones, float32 on CPU.
+
+    torch.cuda.is_bf16_supported() alone says True on a T4 (compute capability 7.5) because it counts emulation,
+    which is slow: including_emulation=False asks for the real thing.
+    """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if not cuda:
-        return torch.float32
-    bf16 = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
-    return torch.bfloat16 if bf16 else torch.float16
+        return Precision(torch.float32, False, False, "CPU: float32 (bf16 matmuls are ~10x slower there)")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    gpu = f"{props.name} (compute capability {props.major}.{props.minor})"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return Precision(torch.bfloat16, True, False, f"{gpu} has native bf16: bf16 compute and mixed precision")
+    return Precision(torch.float16, False, True, f"{gpu} has no native bf16 (torch would emulate it, slowly): "
+                                                 "fp16 compute, fp16 mixed precision, LoRA weights in float32")
 
 
 def default_use_fast(model_id: str, folder: str | Path | None = None) -> bool:
@@ -344,7 +362,7 @@ def _token(token: str | None) -> str | None:
 
 def _model_kwargs(quantization: str, cuda: bool, attn_implementation: str | None = None) -> dict:
     """from_pretrained kwargs for "4bit" or "none" on this machine (and an attention implementation, if given)."""
-    dtype = compute_dtype(cuda)
+    dtype = precision(cuda).dtype
     kwargs: dict = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -370,6 +388,22 @@ def _load_adapter(model, adapter: str | Path, for_training: bool):
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
 
 
+@contextmanager
+def _load_fits(model_id: str, quantization: str) -> Iterator[None]:
+    """Turn an out-of-memory error while the weights load into a UserError naming the GPU and what to change."""
+    from scripts import gpu_memory
+
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - only out-of-memory errors are translated, the rest re-raised
+        if not gpu_memory.is_out_of_memory(error):
+            raise
+        fix = ("set QUANTIZATION to 4bit (main.py, .env or --quantization) or choose a smaller model (BASE_MODEL_ID)"
+               if quantization != "4bit" else "choose a smaller model (BASE_MODEL_ID) or a GPU with more memory")
+        raise UserError(f"{model_id!r} does not fit in memory: out of memory while its weights load "
+                        f"({gpu_memory.gpu_memory_text()}); {fix}") from None
+
+
 def load_model_and_tokenizer(
     model_id: str,
     *,
@@ -393,12 +427,12 @@ def load_model_and_tokenizer(
     token = _token(token)
     cuda = torch.cuda.is_available()
     chosen, why = choose_quantization(quantization, cuda)
-    log.info("quantization: %s (%s); dtype %s", chosen, why, str(compute_dtype(cuda)).replace("torch.", ""))
+    log.info("quantization: %s (%s); precision: %s", chosen, why, precision(cuda).reason)
     source = _prepared_source(str(model_id), token, Path(cache_dir))
     tokenizer = _load_tokenizer_from(source, str(model_id), token, use_fast)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
-    with hub_errors(str(model_id)):
+    with hub_errors(str(model_id)), _load_fits(str(model_id), chosen):
         model = AutoModelForCausalLM.from_pretrained(source.path, token=token,
                                                      **_model_kwargs(chosen, cuda, attn_implementation))
     if model.generation_config.pad_token_id is None:
@@ -428,10 +462,10 @@ def describe_device(quantization: str = "auto") -> dict:
     return {
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
         "cuda_available": cuda,
-        "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
+        "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
         "quantization": chosen,
         "quantization_reason": why,
-        "compute_dtype": str(compute_dtype(cuda)).replace("torch.", ""),
+        "compute_dtype": str(precision(cuda).dtype).replace("torch.", ""),
         "torch": torch.__version__,
     }
 

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,6 @@ from scripts import models
 from scripts.errors import UserError
 from scripts.models import (
     choose_quantization,
-    compute_dtype,
     default_use_fast,
     describe_device,
     ensure_pad_token,
@@ -24,6 +25,7 @@ from scripts.models import (
     load_model_and_tokenizer,
     load_tokenizer,
     peak_memory_gb,
+    precision,
 )
 from tests.tiny_models import build_tiny_model, build_tokenizer, save_tiny_model, save_tiny_sentencepiece_model
 
@@ -53,10 +55,41 @@ def test_bad_quantization_is_a_user_error():
         choose_quantization("8bit", cuda_available=False)
 
 
-def test_compute_dtype_per_device():
-    assert compute_dtype(cuda_available=False) is torch.float32
-    assert compute_dtype(cuda_available=True, bf16_supported=True) is torch.bfloat16
-    assert compute_dtype(cuda_available=True, bf16_supported=False) is torch.float16
+def fake_gpu(monkeypatch, major: int, minor: int, name: str) -> None:
+    """CUDA "available" with one GPU of this compute capability, as torch.cuda's own functions see it."""
+    props = SimpleNamespace(major=major, minor=minor, name=name, total_memory=16 * 1024 ** 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+def test_precision_is_fp16_mixed_precision_on_a_t4_and_bf16_from_ampere_on(monkeypatch):
+    cpu = precision(cuda_available=False)
+    assert (cpu.dtype, cpu.bf16, cpu.fp16) == (torch.float32, False, False)
+    with monkeypatch.context() as m:
+        fake_gpu(m, 7, 5, "Tesla T4")
+        assert torch.cuda.is_bf16_supported()  # the trap: torch's default counts (slow) emulation as support
+        t4 = precision()
+        assert (t4.dtype, t4.bf16, t4.fp16) == (torch.float16, False, True)
+        assert "Tesla T4 (compute capability 7.5) has no native bf16" in t4.reason
+        assert describe_device("none")["compute_dtype"] == "float16" and not describe_device()["bf16_supported"]
+    with monkeypatch.context() as m:
+        fake_gpu(m, 8, 0, "NVIDIA A100")
+        a100 = precision()
+        assert (a100.dtype, a100.bf16, a100.fp16) == (torch.bfloat16, True, False)
+
+
+def test_pre_ampere_gpu_trains_in_fp16_mixed_precision(monkeypatch, tmp_path):
+    from scripts.training import _sft_config, validate_training_configs
+
+    with monkeypatch.context() as m:
+        fake_gpu(m, 7, 5, "Tesla T4")
+        t4 = precision()
+    monkeypatch.setattr(models, "precision", lambda *args, **kwargs: t4)
+    args = _sft_config(validate_training_configs([{}])[0], tmp_path)
+    assert args.fp16 is True and args.bf16 is False
 
 
 def test_slow_tokenizer_for_open_llama_and_sentencepiece_only_folders(tmp_path):
