@@ -19,7 +19,7 @@ from contextlib import nullcontext
 BASE_MODEL_ID = "openlm-research/open_llama_3b_v2"  # Hub id, local folder or .gguf file
 SAMPLE_SIZE_EVAL = 200  # Spider dev examples (seeded subset); None = all
 SAMPLE_SIZE_TRAIN = 2000  # Spider train examples (seeded subset); None = all
-TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training.py
+TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training.py (OOM: batch halved)
     {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
     {"learning_rate": 1e-4, "num_train_epochs": 2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
 ]
