@@ -22,7 +22,7 @@ from contextlib import nullcontext
 BASE_MODEL_ID = "openlm-research/open_llama_3b_v2"  # Hub id, local folder or .gguf file
 SAMPLE_SIZE_EVAL = 200  # examples of each evaluation set (seeded subset); None = all
 SAMPLE_SIZE_TRAIN = 2000  # train examples (seeded subset); None = all
-TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training.py
+TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training.py (OOM: batch halved)
     {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
     {"learning_rate": 1e-4, "num_train_epochs": 2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
 ]
@@ -80,6 +80,7 @@ def run(s: Settings) -> dict:
         baseline_ex = evaluate.sets_stage("baseline_ex", "baseline_ex", s, cache, store, models, eval_sets)  # 2. baseline EX
         baseline_mmlu = mmlu.mmlu_stage("baseline_mmlu", s, cache, store, models)  # 2. baseline MMLU
         train_set = pre_proc.preprocess_stage(s, cache, data.train, models)  # 3. train set in chat format
+        models.release()  # the evaluation model leaves the GPU before training loads its own
         adapters = training.train_stage(s, train_set)  # 4. one QLoRA run per config
         tuned_ex = evaluate.adapters_stage(s, cache, store, models, eval_sets, adapters)  # 5. EX per adapter and set
         best = evaluate.best_adapter(tuned_ex, eval_sets)  # chosen on the first evaluation set

@@ -156,11 +156,18 @@ class ModelCache:
         if self._key != key:
             from scripts.models import load_for_evaluation
 
-            self._loaded = None  # free the previous model before loading the next one
+            self.release()  # free the previous model before loading the next one
             self._loaded = load_for_evaluation(self.settings.base_model_id, adapter, self.settings.quantization,
                                                self.settings.eval_precision, token=self.settings.hf_token)
             self._key = key
         return self._loaded
+
+    def release(self) -> None:
+        """Drop the cached model and give its memory back (before training loads its own copy)."""
+        from scripts.gpu_memory import release_memory
+
+        self._key, self._loaded = None, None
+        release_memory()
 
 
 def eval_examples(settings, data) -> list:

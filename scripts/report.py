@@ -83,14 +83,15 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "",
         f"## Execution accuracy (`{first}`) and MMLU",
         "",
-        "| run | EX % | " + " | ".join(f"{lv} %" for lv in LEVELS) + " | MMLU % | train time s | tokens/s | peak GB |",
-        "| --- | ---: | " + " | ".join("---:" for _ in LEVELS) + " | ---: | ---: | ---: | ---: |",
+        "| run | EX % | " + " | ".join(f"{lv} %" for lv in LEVELS)
+        + " | MMLU % | train time s | tokens/s | peak GB | batch x accumulation |",
+        "| --- | ---: | " + " | ".join("---:" for _ in LEVELS) + " | ---: | ---: | ---: | ---: | --- |",
         _row("baseline", base_ex, base_mmlu.get("accuracy"), None),
     ]
     for name, run in results["runs"].items():
         mmlu = (results["best_mmlu"] or {}).get("accuracy") if run["adapter_dir"] == results["best_adapter"] else None
         lines.append(_row(name + (" (best)" if run["adapter_dir"] == results["best_adapter"] else ""), run["ex"] or {},
-                          mmlu, run["training"] or {}))
+                          mmlu, run["training"] or {}, run.get("config")))
     if len(sets) > 1:
         lines += ["", "## Execution accuracy per evaluation set (the best adapter is chosen on the first)", "",
                   "| run | " + " | ".join(f"`{name}` EX % (n)" for name in sets) + " |",
@@ -101,6 +102,10 @@ def render_markdown(results: dict, plots: list[str]) -> str:
             cells = [f"{_pct((by_set.get(d) or {}).get('ex'))} ({(by_set.get(d) or {}).get('count', '-')})"
                      for d in sets]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    retried = [name for name, run in results["runs"].items() if (run["training"] or {}).get("oom_retries")]
+    if retried:
+        lines += ["", "Out of GPU memory in training, retried with half the per-device batch and twice the "
+                      "accumulation (the same effective batch): " + ", ".join(f"`{n}`" for n in retried) + "."]
     lines += ["", "EX counts only examples whose database exists; errors by class:", ""]
     for name, by_set in [("baseline", results["baseline"].get("ex_by_set") or {})] + [
             (n, r.get("ex_by_set") or {}) for n, r in results["runs"].items()]:
@@ -119,7 +124,7 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _row(name: str, ex: dict, mmlu, training: dict | None) -> str:
+def _row(name: str, ex: dict, mmlu, training: dict | None, config: dict | None = None) -> str:
     """One table row."""
     by = ex.get("by_hardness") or {}
     t = training or {}
@@ -128,8 +133,19 @@ def _row(name: str, ex: dict, mmlu, training: dict | None) -> str:
         _num(t.get("train_seconds")),
         _num(t.get("tokens_per_second")),
         _num(t.get("peak_memory_gb"), 2),
+        _batch(t, config) if training is not None else "-",
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _batch(training: dict, config: dict | None) -> str:
+    """"8 x 2", the batch trained with (a run of an earlier version: its config's), and its out-of-memory retries."""
+    source = training if "per_device_train_batch_size" in training else (config or {})
+    size, steps = source.get("per_device_train_batch_size"), source.get("gradient_accumulation_steps")
+    if size is None or steps is None:
+        return "-"
+    retries = training.get("oom_retries") or 0
+    return f"{size} x {steps}" + (f" ({retries} OOM {'retry' if retries == 1 else 'retries'})" if retries else "")
 
 
 def _num(value, digits: int = 0) -> str:
