@@ -99,8 +99,8 @@ def test_evaluation_without_quantization_never_imports_bitsandbytes(inputs, tmp_
         f"status = main.main({argv(tmp_path, inputs, 'data,baseline_ex,baseline_mmlu')!r})\n"
         "print('STATUS', status, sorted({m.split('.')[0] for m in sys.modules} & {'bitsandbytes', 'peft', 'trl'}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                          env={**_clean_env(), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**_clean_env(), "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert "STATUS 0 []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     assert "bitsandbytes" not in done.stderr and "kernels-community" not in done.stderr
 
