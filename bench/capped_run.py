@@ -33,7 +33,8 @@ GIB = 1024 ** 3
 # (module, function, how the stage is named from its arguments): what main.run calls, in order
 STAGE_FUNCTIONS: list[tuple[str, str, Callable[..., str]]] = [
     ("scripts.spider_data", "prepare_stage", lambda *a, **k: "data"),
-    ("scripts.evaluate", "ex_stage", lambda stage, name, *a, **k: name),
+    ("scripts.evaluate", "sets_stage", lambda stage, prefix, *a, **k: prefix),  # every evaluation set
+    ("scripts.evaluate", "ex_stage", lambda stage, name, *a, **k: name),  # one set: <stage>@<set name>
     ("scripts.mmlu", "mmlu_stage", lambda stage, *a, **k: stage),
     ("scripts.pre_proc", "preprocess_stage", lambda *a, **k: "preprocess"),
     ("scripts.training", "train_stage", lambda *a, **k: "train"),

@@ -6,9 +6,13 @@ helpers (`clear_device_cache`, `should_reduce_batch_size`), imported when called
 """
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
 _TRIED = re.compile(r"Tried to allocate ([0-9.]+ [KMGT]iB)")
@@ -32,6 +36,19 @@ def is_out_of_memory(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def split_on_oom(run: Callable[[list], list], batch: list, what: str = "items") -> list:
+    """run(batch); on out-of-memory run its two halves instead (results concatenated), down to one item."""
+    try:
+        return run(batch)
+    except Exception as error:  # noqa: BLE001 - only out-of-memory errors are split, the rest re-raised
+        if len(batch) == 1 or not is_out_of_memory(error):
+            raise
+    release_memory()  # outside the except block, so the failed attempt's tensors are no longer referenced
+    log.warning("out of GPU memory with %d %s in a batch; splitting it", len(batch), what)
+    half = len(batch) // 2
+    return split_on_oom(run, batch[:half], what) + split_on_oom(run, batch[half:], what)
 
 
 def requested_text(error: BaseException) -> str | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from scripts import distributed
 from scripts.errors import UserError
+from scripts.gpu_memory import split_on_oom
 
 log = logging.getLogger(__name__)
 
@@ -276,27 +277,13 @@ def evaluate_mmlu(
         for prefix, members in groups.items():
             cache = prefix_cache(model, list(prefix))
             for batch in _length_sorted_batches(members, lengths, batch_size):
-                finish(batch, split_on_oom(lambda b, p=prefix, c=cache: suffix_scores(p, c, b), batch))
+                finish(batch, split_on_oom(lambda b, p=prefix, c=cache: suffix_scores(p, c, b), batch,
+                                           "questions"))
         for batch in _length_sorted_batches(single, lengths, batch_size):
-            finish(batch, split_on_oom(single_scores, batch))
+            finish(batch, split_on_oom(single_scores, batch, "questions"))
         for batch in _length_sorted_batches(multi, lengths, max(1, batch_size // len(LETTERS))):
-            finish(batch, split_on_oom(multi_scores, batch))
+            finish(batch, split_on_oom(multi_scores, batch, "questions"))
     return rows  # type: ignore[return-value]
-
-
-def split_on_oom(score: Callable[[list[int]], list], batch: list[int]) -> list:
-    """Score a batch; on CUDA out-of-memory score its two halves instead, down to one question."""
-    import torch
-
-    try:
-        return score(batch)
-    except torch.cuda.OutOfMemoryError:
-        if len(batch) == 1:
-            raise
-        torch.cuda.empty_cache()
-        log.warning("MMLU: out of GPU memory with %d questions in a batch; splitting it", len(batch))
-        half = len(batch) // 2
-        return split_on_oom(score, batch[:half]) + split_on_oom(score, batch[half:])
 
 
 def summarize_mmlu(rows: Sequence[dict]) -> dict:

@@ -28,13 +28,14 @@ def inputs(tmp_path_factory):
 
 def argv(root, inputs, stages: str, configs: list[dict] | None = None) -> list[str]:
     """A small pipeline command, every output under root, 4-bit never asked for."""
+    (root / "empty.env").write_text("")  # no .env of the checkout leaks in
     configs = configs or [{"learning_rate": 1e-2, "max_steps": 1, "per_device_train_batch_size": 2,
                            "gradient_accumulation_steps": 1, "max_length": 1024, "gradient_checkpointing": False}]
     return ["--model", str(inputs["model"]), "--spider-zip", str(inputs["zip"]), "--mmlu", str(inputs["mmlu"]),
             "--results-dir", str(root / "results"), "--db-path", str(root / "store" / "results.sqlite"),
             "--sample-size-eval", "3", "--sample-size-train", "4", "--mmlu-per-subject", "1", "--eval-batch-size", "3",
             "--max-new-tokens", "4", "--quantization", "none", "--stages", stages,
-            "--training-configs", json.dumps(configs), "--env-file", str(root / "no.env")]
+            "--training-configs", json.dumps(configs), "--env-file", str(root / "empty.env")]
 
 
 def test_out_of_memory_errors_are_recognised():
@@ -60,7 +61,7 @@ def test_gpu_memory_text_without_cuda():
 
 def test_model_cache_releases_the_model_it_held(tmp_path, monkeypatch):
     folder = save_tiny_model(tmp_path / "m", "chatml")
-    settings = SimpleNamespace(base_model_id=str(folder), quantization="none", hf_token=None)
+    settings = SimpleNamespace(base_model_id=str(folder), quantization="none", eval_precision="4bit", hf_token=None)
     cache = ModelCache(settings)
     model, _ = cache.get()
     held = weakref.ref(model)

@@ -399,7 +399,7 @@ class _Models:
 
 
 def test_mmlu_stage_stores_answers_and_resumes_from_the_store(letter_setup, mmlu_dir, tmp_path):
-    settings = SimpleNamespace(base_model_id="tiny", path_mmlu=mmlu_dir, mmlu_per_subject=4, seed=0, mmlu_k_shot=2,
+    settings = SimpleNamespace(base_model_id="tiny", quantization="none", eval_precision="4bit", path_mmlu=mmlu_dir, mmlu_per_subject=4, seed=0, mmlu_k_shot=2,
                                eval_batch_size=4, stages=("baseline_mmlu",), db_path=tmp_path / "r.sqlite")
     cache = StageCache(tmp_path / "stages")
     models = _Models(letter_setup)
