@@ -5,6 +5,7 @@
 #   smol_mmlu    SmolLM2-135M-Instruct in bf16 (--quantization none) on all 14,042 MMLU questions; its exact ties
 #   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit) on the dev questions that have a database
 #   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
+#   profile LAYOUT   ms per decoding step of a seed model at batch 16 (4-bit and bf16, both decoders)
 #   qwen_train   Qwen: one epoch on all of Spider train, EX of the adapter as trained and merged
 # Logs and JSON go to $OUT. Sizes are environment variables (defaults in each step).
 set -o pipefail
@@ -38,6 +39,12 @@ bitsandbytes.__version__)"
     python3 -m bench.capped_run --gpu-gb "$gib" --out "$OUT/${layout}_${gib}gb.json" -- --model "/tmp/seed/$layout" \
       "${data[@]}" --results-dir "/tmp/r_${layout}_${gib}" --sample-size-train "${TRAIN:-300}" \
       --sample-size-eval "${EVAL:-100}" --mmlu-per-subject "${MMLU:-3}" --force "$@" 2>&1 | quiet | tail -n 40 ;;
+  profile)  # ms per decoding step of a seed model at batch 16, 4-bit and unquantized bf16, both decoders
+    for q in 4bit none; do
+      python3 -m bench.profile_generation "/tmp/seed/$2" /tmp/data/spider_data.zip --batch-sizes 16 --n 32 \
+        --quantization $q --decoders hf,prune --max-new-tokens "${STEPS:-64}" --out "$OUT" 2>&1 | quiet | tail -n 6
+      cp "$OUT/profile_generation.json" "$OUT/profile_${2}_$q.json"
+    done ;;
   qwen_train)
     for precision in 4bit merged; do  # the best config of section 13 (62.1% EX there)
       timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model /tmp/m/qwen.gguf "${data[@]}" --results-dir /tmp/r_qwen --sample-size-train all \
