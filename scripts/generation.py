@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from scripts.gpu_memory import split_on_oom
+from scripts.models import keep_last_logits
 from scripts.prompts import end_of_turn, stop_strings
 
 DECODERS = ("prune", "hf")
@@ -165,7 +166,8 @@ def _generate_pruned(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
     rows = ids.shape[0]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    last_only = keep_last_logits(model, 1)  # the prefill's logits at the last position only, as generate does
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     cache = out.past_key_values  # the model's own cache class (sliding-window layers where it has them)
     alive = torch.arange(rows, device=ids.device)  # the original row of each row still in the batch
     tokens = torch.empty(rows, 0, dtype=torch.long, device=ids.device)  # new tokens of the rows still in the batch
@@ -192,7 +194,7 @@ def _generate_pruned(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last = last + 1
         out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=last[:, None],
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, **last_only)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return _group([cut_at_stop(text, stops) for text in texts], sampling and sampling.n)
 

@@ -10,7 +10,6 @@ Llama-style tokenizers) are kept, as the harness does since lm-eval 0.4.9.2.
 from __future__ import annotations
 
 import csv
-import inspect
 import logging
 import random
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from scripts import distributed
 from scripts.errors import UserError
 from scripts.gpu_memory import split_on_oom
+from scripts.models import forward_parameters, keep_last_logits
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +332,7 @@ def score_continuations(model, pairs: list[tuple[list[int], list[int]]], tokeniz
 
 def supports_prefix_cache(model) -> bool:
     """Whether the model's forward takes position_ids and a key/value cache (needed to start after a prefix)."""
-    return {"position_ids", "past_key_values"} <= _forward_parameters(model)
+    return {"position_ids", "past_key_values"} <= forward_parameters(model)
 
 
 def prefix_cache(model, prefix: list[int]):
@@ -341,7 +341,7 @@ def prefix_cache(model, prefix: list[int]):
 
     device = model.get_input_embeddings().weight.device
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **_keep_last(model, 1))
+        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **keep_last_logits(model, 1))
     return out.past_key_values
 
 
@@ -369,7 +369,7 @@ def score_after_prefix(model, cache, prefix_length: int, suffixes: list[list[int
         past = copy.deepcopy(cache)  # the forward appends to the cache it is given; the prefix's stays as it is
         past.batch_repeat_interleave(len(suffixes))
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       past_key_values=past, use_cache=True, **_keep_last(model, 1)).logits[:, -1, :]
+                       past_key_values=past, use_cache=True, **keep_last_logits(model, 1)).logits[:, -1, :]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return logprobs.gather(1, torch.tensor(letter_ids, device=logprobs.device)).tolist()
 
@@ -437,15 +437,6 @@ def _dense_weight(head):
     return dequantize_4bit(weight.data, weight.quant_state)
 
 
-def _keep_last(model, keep: int) -> dict:
-    """The forward argument that limits the logits to the last `keep` positions, when the model has one."""
-    params = _forward_parameters(model)
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            return {name: keep}
-    return {}
-
-
 def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int):
     """Float32 log-softmax over the vocabulary of the last `keep` positions of left-padded sequences."""
     import torch
@@ -458,18 +449,12 @@ def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int):
         mask[row, width - len(seq):] = 1
     device = model.get_input_embeddings().weight.device
     kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if "position_ids" in _forward_parameters(model):  # positions count real tokens only: left padding shifts nothing
+    if "position_ids" in forward_parameters(model):  # positions count real tokens only: left padding shifts nothing
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    kwargs.update(_keep_last(model, keep))
+    kwargs.update(keep_last_logits(model, keep))
     with torch.inference_mode():
         logits = model(**kwargs).logits[:, -keep:, :]
     return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _forward_parameters(model) -> set[str]:
-    """Parameter names of the underlying model's forward (through a PEFT wrapper)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(inner.forward).parameters)
 
 
 def _pad_id(tokenizer) -> int:

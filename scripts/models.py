@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -502,6 +503,21 @@ def load_model_and_tokenizer(
     if not for_training:
         model.eval()
     return model, tokenizer
+
+
+def forward_parameters(model) -> set[str]:
+    """Parameter names of the underlying model's forward (through a PEFT wrapper)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(inner.forward).parameters)
+
+
+def keep_last_logits(model, keep: int) -> dict:
+    """The forward argument that limits the logits to the last `keep` positions, when the model has one."""
+    params = forward_parameters(model)
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: keep}
+    return {}
 
 
 def load_for_evaluation(model_id: str, adapter: str | Path | None, quantization: str, eval_precision: str,
