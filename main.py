@@ -31,6 +31,10 @@ SQL_TIMEOUT_S = 30.0  # per query, enforced inside SQLite
 SCHEMA_SAMPLE_ROWS = 0  # sample rows per table in the prompt's schema
 QUANTIZATION = "auto"  # auto: 4-bit NF4 on CUDA, plain float32 LoRA on CPU; or "4bit" / "none"
 SEED = 0
+NUM_CANDIDATES = 0  # execution-guided voting: sampled SQL candidates per question (e.g. 8); 0 or 1 = off
+VOTE_TEMPERATURE = 0.7  # sampling of the candidates
+VOTE_TOP_P = 0.95
+SELECT_ADAPTER_ON = "greedy"  # the best adapter by "greedy" or "voted" EX
 # --------------------------------------------------------------------------------------------------------
 
 from scripts import distributed, evaluate, mmlu, pre_proc, regression, report, spider_data, training  # noqa: E402
@@ -57,6 +61,10 @@ def config_defaults() -> dict:
         "schema_sample_rows": SCHEMA_SAMPLE_ROWS,
         "quantization": QUANTIZATION,
         "seed": SEED,
+        "num_candidates": NUM_CANDIDATES,
+        "vote_temperature": VOTE_TEMPERATURE,
+        "vote_top_p": VOTE_TOP_P,
+        "select_adapter_on": SELECT_ADAPTER_ON,
     }
 
 

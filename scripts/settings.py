@@ -23,6 +23,7 @@ STAGES = (
     "report",
 )
 QUANTIZATIONS = ("auto", "4bit", "none")
+SELECT_ADAPTER_ON = ("greedy", "voted")
 # .env / environment variable -> Settings field
 ENV_KEYS = {
     "HF_TOKEN": "hf_token",
@@ -33,7 +34,12 @@ ENV_KEYS = {
     "PATH_MMLU": "path_mmlu",
     "DB_PATH": "db_path",
     "RESULTS_DIR": "results_dir",
+    "NUM_CANDIDATES": "num_candidates",
+    "VOTE_TEMPERATURE": "vote_temperature",
+    "VOTE_TOP_P": "vote_top_p",
+    "SELECT_ADAPTER_ON": "select_adapter_on",
 }
+_NUMBERS = {"num_candidates": int, "vote_temperature": float, "vote_top_p": float}  # read from .env as text
 
 
 @dataclass
@@ -52,6 +58,10 @@ class Settings:
     schema_sample_rows: int = 0
     quantization: str = "auto"
     seed: int = 0
+    num_candidates: int = 0  # execution-guided voting: sampled candidates per question; 0 or 1 = off
+    vote_temperature: float = 0.7
+    vote_top_p: float = 0.95
+    select_adapter_on: str = "greedy"  # the best adapter by greedy or voted EX
     spider_zip: Path = Path("spider_data.zip")
     data_dir: Path = Path("data/spider_data")
     results_dir: Path = Path("results")
@@ -95,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path)
     p.add_argument("--db-path", type=Path)
     p.add_argument("--seed", type=int)
+    p.add_argument("--num-candidates", type=int, help="execution-guided voting: sampled SQL candidates per question "
+                   "(0 or 1: off)")
+    p.add_argument("--vote-temperature", type=float, help="sampling temperature of the voting candidates")
+    p.add_argument("--vote-top-p", type=float, help="top-p of the voting candidates")
+    p.add_argument("--select-adapter-on", choices=SELECT_ADAPTER_ON,
+                   help="choose the best adapter on greedy or voted EX")
     p.add_argument("--force", action="store_true", default=None, help="redo stages and training runs that exist")
     p.add_argument("--demo", action="store_true", default=None, help="the bundled demo data and SmolLM2-135M-Instruct")
     p.add_argument("--env-file", type=Path, default=Path(".env"))
@@ -116,6 +132,9 @@ def resolve_settings(defaults: dict, args: argparse.Namespace, environ: dict | N
             values[name] = None if value == ALL else value
     if args.demo:
         values.update(demo_data_paths())
+    for name, kind in _NUMBERS.items():
+        if isinstance(values.get(name), str):
+            values[name] = _number(name, values[name], kind)
     if isinstance(values.get("training_configs"), str):
         values["training_configs"] = _read_configs(values["training_configs"])
     if isinstance(values.get("stages"), str):
@@ -147,6 +166,15 @@ def _size(text: str) -> int | str:
 
 
 ALL = "all"  # a flag's 'all', kept apart from None (= flag not given) until the merge
+
+
+def _number(name: str, text: str, kind: type) -> int | float:
+    """A number given as text (in .env), or an error that names the key."""
+    try:
+        return kind(text)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number"
+        raise UserError(f"{name.upper()} in .env must be {expected}, got {text!r}") from None
 
 
 def _read_configs(text: str) -> list[dict]:
@@ -186,6 +214,17 @@ def _validate(s: Settings) -> None:
         raise UserError(f"SQL_TIMEOUT_S must be > 0 seconds, got {s.sql_timeout_s!r}")
     if s.quantization not in QUANTIZATIONS:
         raise UserError(f"QUANTIZATION must be one of {QUANTIZATIONS}, got {s.quantization!r}")
+    if not isinstance(s.num_candidates, int) or isinstance(s.num_candidates, bool) or s.num_candidates < 0:
+        raise UserError(f"NUM_CANDIDATES must be an integer >= 0 (0 or 1: voting off), got {s.num_candidates!r}")
+    if not isinstance(s.vote_temperature, (int, float)) or not s.vote_temperature > 0:
+        raise UserError(f"VOTE_TEMPERATURE must be > 0 (sampling needs a temperature), got {s.vote_temperature!r}")
+    if not isinstance(s.vote_top_p, (int, float)) or not 0 < s.vote_top_p <= 1:
+        raise UserError(f"VOTE_TOP_P must be in (0, 1], got {s.vote_top_p!r}")
+    if s.select_adapter_on not in SELECT_ADAPTER_ON:
+        raise UserError(f"SELECT_ADAPTER_ON must be one of {SELECT_ADAPTER_ON}, got {s.select_adapter_on!r}")
+    if s.select_adapter_on == "voted" and s.num_candidates < 2:
+        raise UserError("SELECT_ADAPTER_ON='voted' needs execution-guided voting: set NUM_CANDIDATES to 2 or more "
+                        "(or choose the best adapter on 'greedy' EX)")
     if not isinstance(s.training_configs, list) or not all(isinstance(c, dict) for c in s.training_configs):
         raise UserError("TRAINING_CONFIGS must be a list of dicts (one dict of hyper-parameters per training run)")
     if not s.base_model_id:
