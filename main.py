@@ -82,7 +82,7 @@ def run(s: Settings) -> dict:
         train_set = pre_proc.preprocess_stage(s, cache, layout, models)  # 3. train set in chat format
         adapters = training.train_stage(s, train_set)  # 4. one QLoRA run per config
         tuned_ex = evaluate.adapters_stage(s, cache, store, models, layout, dev, adapters)  # 5. EX per adapter
-        best = evaluate.best_adapter(tuned_ex)
+        best = evaluate.best_adapter(tuned_ex, s.select_adapter_on)
         tuned_mmlu = mmlu.mmlu_stage("mmlu_best", s, cache, store, models, adapter=best)  # 6. MMLU of the best
         analysis = regression.regression_stage(s, cache, baseline_mmlu, tuned_mmlu)  # 6. regression analysis
         return report.report_stage(s, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu, analysis)

@@ -54,6 +54,8 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     s = results["settings"]
     base_ex = results["baseline"]["ex"] or {}
     base_mmlu = results["baseline"]["mmlu"] or {}
+    evaluated = [("baseline", base_ex)] + [(n, r["ex"] or {}) for n, r in results["runs"].items()]
+    voting = any(ex.get("voted") for _, ex in evaluated)  # the voted EX column only when voting was on
     lines = [
         "# Text-to-SQL fine-tuning report",
         "",
@@ -63,18 +65,22 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "",
         "## Execution accuracy (Spider dev) and MMLU",
         "",
-        "| run | EX % | " + " | ".join(f"{lv} %" for lv in LEVELS) + " | MMLU % | train time s | tokens/s | peak GB |",
-        "| --- | ---: | " + " | ".join("---:" for _ in LEVELS) + " | ---: | ---: | ---: | ---: |",
-        _row("baseline", base_ex, base_mmlu.get("accuracy"), None),
+        "| run | EX % | " + ("voted EX % | " if voting else "") + " | ".join(f"{lv} %" for lv in LEVELS)
+        + " | MMLU % | train time s | tokens/s | peak GB |",
+        "| --- | ---: | " + ("---: | " if voting else "") + " | ".join("---:" for _ in LEVELS)
+        + " | ---: | ---: | ---: | ---: |",
+        _row("baseline", base_ex, base_mmlu.get("accuracy"), None, voting),
     ]
     for name, run in results["runs"].items():
         mmlu = (results["best_mmlu"] or {}).get("accuracy") if run["adapter_dir"] == results["best_adapter"] else None
         lines.append(_row(name + (" (best)" if run["adapter_dir"] == results["best_adapter"] else ""), run["ex"] or {},
-                          mmlu, run["training"] or {}))
+                          mmlu, run["training"] or {}, voting))
     lines += ["", "EX counts only examples whose database exists; errors by class:", ""]
-    for name, ex in [("baseline", base_ex)] + [(n, r["ex"] or {}) for n, r in results["runs"].items()]:
+    for name, ex in evaluated:
         if ex.get("errors"):
             lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(ex["errors"].items())))
+    if voting:
+        lines += _voting_section(evaluated, s.get("select_adapter_on", "greedy"))
     analysis = results["regression"]
     if analysis:
         lines += ["", "## Regression analysis (MMLU, fine-tuned vs base, same questions)", "", analysis.get("verdict", "")]
@@ -86,11 +92,29 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _row(name: str, ex: dict, mmlu, training: dict | None) -> str:
-    """One table row."""
+def _voting_section(evaluated: list[tuple[str, dict]], select_on: str) -> list[str]:
+    """Greedy against voted EX per run, what the vote changed and what it cost."""
+    voted = [(name, ex, ex["voted"]) for name, ex in evaluated if ex.get("voted")]
+    first = voted[0][2]
+    lines = ["", "## Execution-guided voting", "",
+             f"{first['n']} sampled candidates per question (temperature {first['temperature']}, top-p "
+             f"{first['top_p']}, seed {first['seed']}) and the greedy answer, each executed read-only; the most "
+             f"common result wins (the greedy answer's on a tie, and when none runs). The best adapter is chosen on "
+             f"{select_on} EX.", "",
+             "| run | greedy EX % | voted EX % | answers changed | gained | lost | voting s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, ex, v in voted:
+        lines.append(f"| {name} | {_pct(ex.get('ex'))} | {_pct(v['ex'])} | {v['changed']} | {v['gained']} | "
+                     f"{v['lost']} | {_num(v['seconds'], 1)} |")
+    return lines
+
+
+def _row(name: str, ex: dict, mmlu, training: dict | None, voting: bool = False) -> str:
+    """One table row (with the voted EX after the greedy EX when voting was on)."""
     by = ex.get("by_hardness") or {}
     t = training or {}
-    cells = [name, _pct(ex.get("ex"))] + [_pct((by.get(lv) or {}).get("ex")) for lv in LEVELS] + [
+    voted = [_pct((ex.get("voted") or {}).get("ex"))] if voting else []
+    cells = [name, _pct(ex.get("ex"))] + voted + [_pct((by.get(lv) or {}).get("ex")) for lv in LEVELS] + [
         _pct(mmlu),
         _num(t.get("train_seconds")),
         _num(t.get("tokens_per_second")),

@@ -6,6 +6,7 @@ that writes is a failure and the file is unchanged; and the fingerprint's equali
 of a set of queries, against `score_example` with one of them as gold).
 """
 import hashlib
+import json
 import sqlite3
 from itertools import combinations
 
@@ -162,3 +163,285 @@ def test_canonical_form_tries_every_order_of_columns_with_the_same_values():
     assert canonical(first, True) != canonical(swapped, True)
     assert canonical([(1,) * 12], False) == canonical([(1.0,) * 12], False)  # many identical columns stay cheap
 
+
+def test_best_adapter_is_chosen_on_greedy_ex_unless_the_setting_says_voted():
+    from scripts.evaluate import best_adapter
+
+    tuned = {"a": {"adapter": "a/adapter", "ex": 0.5, "voted": {"ex": 0.4}},
+             "b": {"adapter": "b/adapter", "ex": 0.4, "voted": {"ex": 0.6}}}
+    assert best_adapter(tuned) == best_adapter(tuned, "greedy") == "a/adapter"
+    assert best_adapter(tuned, "voted") == "b/adapter"
+
+
+# ------------------------------------------------------------------ the EX stage with voting
+
+@pytest.fixture(scope="module")
+def demo_layout(tmp_path_factory):
+    """The demo's Spider data, unpacked, and its dev examples."""
+    from scripts.demo_data import build_demo_data
+    from scripts.spider_data import load_split, prepare_spider
+
+    root = tmp_path_factory.mktemp("demo")
+    spider_zip, _ = build_demo_data(root / "build")
+    layout = prepare_spider(spider_zip, root / "unpacked")
+    return layout, load_split(layout, "dev")
+
+
+WRONG = "SELECT 'not the answer'"
+# what the model "says" for each kind of example: (greedy answer, 3 sampled answers); GOLD is the example's gold query
+KINDS = [
+    ("gained", WRONG, ["```sql\nGOLD\n```", "Here it is: GOLD;", "SELECT FROM author"]),  # the gold result wins 2 to 1
+    ("failed", WRONG, ["SELECT FROM author", "SELECT * FROM nowhere", "no SQL at all"]),  # none runs: greedy stands
+    ("kept", "GOLD", [WRONG, "GOLD", WRONG]),  # 2 to 2: the greedy answer's group
+    ("lost", "GOLD", [WRONG, WRONG, "SELECT * FROM nowhere"]),  # the wrong result wins 2 to 1
+]
+KIND_OF = ["gained", "gained", "failed", "kept", "lost", "gained"]
+
+
+def scripted_generate(examples, log):
+    """A stand-in for scripts.generation.generate that answers from KINDS (greedy, or 3 samples per prompt)."""
+    kinds = {name: (greedy, samples) for name, greedy, samples in KINDS}
+
+    def generate(model, tokenizer, prompts, *, done=None, skip=(), sampling=None, batch_size=16, **kwargs):
+        todo = [i for i in range(len(prompts)) if i not in set(skip)]
+        out = [None] * len(prompts)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            answers = []
+            for i in batch:
+                greedy, samples = kinds[KIND_OF[i]]
+                gold = examples[i]["query"]
+                answers.append([s.replace("GOLD", gold) for s in samples][:sampling.n] if sampling else
+                               greedy.replace("GOLD", gold))
+                out[i] = answers[-1]
+            log.append(("sampled" if sampling else "greedy", batch))
+            done(batch, answers, 0.5)
+        return out
+
+    return generate
+
+
+def test_ex_stage_votes_scores_and_stores_every_candidate(demo_layout, tmp_path, monkeypatch):
+    import scripts.evaluate
+    from scripts.evaluate import evaluate_text_to_sql, sampling_config
+    from scripts.generation import Sampling
+    from scripts.store import ResultsStore
+    from tests.tiny_models import build_tokenizer
+
+    layout, dev = demo_layout
+    examples = dev[:len(KIND_OF)]
+    calls = []
+    monkeypatch.setattr(scripts.evaluate, "generate", scripted_generate(examples, calls))
+    sampling = Sampling(n=3, temperature=0.7, top_p=0.95, seed=0)
+    with ResultsStore(tmp_path / "results.sqlite") as store:
+        run_id = store.start_run("baseline_ex", "m", None, {}, "fp")
+        summary = evaluate_text_to_sql(None, build_tokenizer(), examples, layout, store=store, run_id=run_id,
+                                       batch_size=4, sampling=sampling)
+        candidates = store.candidate_rows(run_id, sampling_config(sampling))
+        votes = store.vote_rows(run_id, sampling_config(sampling))
+        greedy_rows = store.sql_rows(run_id)
+    assert [kind for kind, _ in calls] == ["greedy", "greedy", "sampled", "sampled"]
+    assert summary["ex"] == pytest.approx(2 / 6)  # greedy right on "kept" and "lost"
+    voted = summary["voted"]
+    assert voted["ex"] == pytest.approx(4 / 6) and voted["count"] == 6  # "gained" x 3 and "kept"
+    assert (voted["changed"], voted["gained"], voted["lost"]) == (4, 3, 1)
+    assert (voted["n"], voted["temperature"], voted["top_p"], voted["seed"]) == (3, 0.7, 0.95, 0)
+    assert voted["seconds"] >= 2 * 0.5  # the two sampled batches' generation time, as stored, plus the voting
+    assert voted["errors"] == {"ok": 4, "wrong_result": 2}
+    assert [r["correct"] for r in greedy_rows] == [False, False, False, True, True, False]  # greedy rows as before
+
+    # the store: every candidate with its extracted SQL, fingerprint or error class; one vote per example
+    assert len(candidates) == 6 * 3
+    by_example = {}
+    for row in candidates:
+        by_example.setdefault(row["example_key"], []).append(row)
+    for i, (example, kind) in enumerate(zip(examples, KIND_OF)):
+        rows = sorted(by_example[f"{example['db_id']}::{example['question']}"], key=lambda r: r["candidate_index"])
+        assert [r["candidate_index"] for r in rows] == [0, 1, 2]
+        per_candidate = 0.5 / (4 if i < 4 else 2) / 3  # a batch's seconds shared by its prompts and their samples
+        assert all(r["raw_output"] and r["latency_s"] == pytest.approx(per_candidate) for r in rows)
+        assert all((r["fingerprint"] is not None) == (r["error"] == "ok") for r in rows)
+        if kind == "gained":
+            assert rows[0]["extracted_sql"] == rows[1]["extracted_sql"] == example["query"]
+            assert rows[0]["fingerprint"] == rows[1]["fingerprint"] and rows[2]["error"] == "syntax_error"
+        if kind == "failed":
+            assert [r["error"] for r in rows] == ["syntax_error", "unknown_table_or_column", "empty"]
+    assert [(v["changed"], v["correct"]) for v in votes] == [(True, True), (True, True), (False, False),
+                                                              (False, True), (True, False), (True, True)]
+    assert [v["voted_sql"] for v in votes][2:5] == [WRONG, examples[3]["query"], WRONG]
+    assert [(v["votes"], v["voters"]) for v in votes][:5] == [(2, 3), (2, 3), (1, 1), (2, 4), (2, 3)]
+
+
+# ------------------------------------------------------------------ main() with a tiny model
+
+N_CANDIDATES = 3
+VOTING_STAGES = "data,baseline_ex,preprocess,train,eval_adapters,report"  # MMLU left out: voting does not touch it
+VOTING_FLAGS = ("--num-candidates", str(N_CANDIDATES), "--stages", VOTING_STAGES)
+
+
+SCRIPTED = ("SELECT 1", "SELECT 1.0")  # one result, two texts
+
+
+class Sampled:
+    """Counts the prompts the EX stages sample candidates for (and may interrupt after the first sampled batch).
+
+    The random tiny model never writes SQL, so candidates 0 and 1 of each question are replaced by SCRIPTED, which
+    runs on every database: each question then has fingerprints, and a vote (2 to 0) that changes its answer.
+    """
+
+    def __init__(self, monkeypatch, interrupt: bool = False) -> None:
+        import scripts.evaluate
+
+        self.prompts, self.greedy, self.interrupt = 0, 0, interrupt
+        real = scripts.evaluate.generate
+
+        def generate(model, tokenizer, prompts, *, done=None, sampling=None, **kwargs):
+            def counted(indices, answers, seconds):
+                if sampling:
+                    assert all(len(a) == sampling.n for a in answers)
+                    answers = [[*SCRIPTED, *a[len(SCRIPTED):]] for a in answers]
+                    self.prompts += len(indices)
+                else:
+                    self.greedy += len(indices)
+                done(indices, answers, seconds)
+                if sampling and self.interrupt:
+                    self.interrupt = False
+                    raise KeyboardInterrupt
+
+            return real(model, tokenizer, prompts, done=counted, sampling=sampling, **kwargs)
+
+        monkeypatch.setattr(scripts.evaluate, "generate", generate)
+
+
+def voting_main(root, inputs, monkeypatch, *extra: str, interrupt: bool = False):
+    """main.main with voting on (tests/test_pipeline.py's command, one training config); (status, counter)."""
+    from tests.test_pipeline import TRAINING_CONFIGS, run_main
+
+    with monkeypatch.context() as m:
+        sampled = Sampled(m, interrupt)
+        status, _ = run_main(root, inputs, m, "--training-configs", json.dumps(TRAINING_CONFIGS[:1]), *VOTING_FLAGS,
+                             *extra)
+    return status, sampled
+
+
+def candidates_of(root, kind: str) -> dict:
+    """(example_key, candidate_index) -> stored candidate row, for one EX run of the store."""
+    conn = sqlite3.connect(root / "store" / "results.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute("SELECT c.* FROM sql_candidates c JOIN runs r ON r.id = c.run_id WHERE r.kind = ?",
+                            (kind,)).fetchall()
+    finally:
+        conn.close()
+    return {(r["example_key"], r["candidate_index"]): dict(r) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def voting_run(tmp_path_factory):
+    """One run with NUM_CANDIDATES=3 and the best adapter chosen on voted EX; what it wrote."""
+    from scripts.demo_data import build_demo_data
+    from tests.tiny_models import save_tiny_model
+
+    inputs_root = tmp_path_factory.mktemp("inputs")
+    spider_zip, mmlu_dir = build_demo_data(inputs_root / "demo")
+    inputs = {"model": save_tiny_model(inputs_root / "model", kind="chatml"), "zip": spider_zip, "mmlu": mmlu_dir}
+    root = tmp_path_factory.mktemp("voting")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        status, sampled = voting_main(root, inputs, monkeypatch, "--select-adapter-on", "voted")
+    assert status == 0
+    return {"root": root, "inputs": inputs, "sampled": sampled,
+            "results": json.loads((root / "results" / "results.json").read_text()),
+            "report": (root / "results" / "report.md").read_text()}
+
+
+def test_pipeline_with_voting_stores_every_candidate_and_reports_voted_ex(voting_run):
+    from tests.test_pipeline import N_EVAL
+
+    root, results, report, sampled = (voting_run[k] for k in ("root", "results", "report", "sampled"))
+    assert sampled.greedy == sampled.prompts == 2 * N_EVAL  # baseline and the adapter, greedy and sampled
+    (name, run), = results["runs"].items()
+    assert results["best_adapter"] == run["adapter_dir"] and results["settings"]["select_adapter_on"] == "voted"
+    dump = store_tables(root)
+    kinds = {r["id"]: r["kind"] for r in dump["runs"]}
+    db = root / "data" / "spider_data" / "spider_data" / "database"
+    for kind, ex in (("baseline_ex", results["baseline"]["ex"]), (f"ex_{name}", run["ex"])):
+        voted = ex["voted"]
+        assert (voted["n"], voted["temperature"], voted["top_p"], voted["seed"], voted["count"]) == (3, 0.7, 0.95, 0,
+                                                                                                    N_EVAL)
+        assert voted["seconds"] > 0 and voted["changed"] == N_EVAL  # SCRIPTED's result against a failing greedy
+        candidates = [c for c in dump["sql_candidates"] if kinds[c["run_id"]] == kind]
+        assert len(candidates) == N_EVAL * N_CANDIDATES
+        assert {json.dumps(json.loads(c["sampling"]), sort_keys=True) for c in candidates} == {
+            json.dumps({"n": 3, "temperature": 0.7, "top_p": 0.95, "seed": 0}, sort_keys=True)}
+        assert all(c["raw_output"] is not None and c["error"] is not None and c["latency_s"] > 0 for c in candidates)
+        assert all((c["fingerprint"] is not None) == (c["error"] == "ok") for c in candidates)
+        assert len({(c["example_key"], c["candidate_index"]) for c in candidates}) == N_EVAL * N_CANDIDATES
+        sampled = [c["raw_output"] for c in candidates if c["candidate_index"] >= len(SCRIPTED)]
+        assert len(set(sampled)) > 1  # the model's own samples differ
+        assert {c["fingerprint"] for c in candidates if c["candidate_index"] < len(SCRIPTED)} == {
+            run_candidate("SELECT 1", next(db.glob("*/*.sqlite"))).fingerprint}
+        votes = [v for v in dump["sql_votes"] if kinds[v["run_id"]] == kind]
+        assert len(votes) == N_EVAL and sum(v["changed"] for v in votes) == voted["changed"]
+        assert all(v["voted_sql"] == "SELECT 1" and (v["votes"], v["voters"]) == (2, 2) for v in votes)
+        assert sum(v["correct"] for v in votes) / N_EVAL == voted["ex"]
+        greedy = [r for r in dump["sql_results"] if kinds[r["run_id"]] == kind]
+        assert len(greedy) == N_EVAL and sum(r["correct"] for r in greedy) / N_EVAL == ex["ex"]
+    # the report: greedy and voted EX side by side for the baseline and the adapter, and the voting cost
+    assert "| run | EX % | voted EX % | easy % |" in report and "## Execution-guided voting" in report
+    base = results["baseline"]["ex"]
+    assert f"| baseline | {100 * base['ex']:.1f} | {100 * base['voted']['ex']:.1f} |" in report
+    assert f"| {name} (best) | {100 * run['ex']['ex']:.1f} | {100 * run['ex']['voted']['ex']:.1f} |" in report
+    assert f"{base['voted']['seconds']:.1f} |" in report and "chosen on voted EX" in report
+
+
+def store_tables(root) -> dict:
+    """Every row of the store's tables, by table."""
+    conn = sqlite3.connect(root / "store" / "results.sqlite")
+    conn.row_factory = sqlite3.Row
+    try:
+        return {t: [dict(r) for r in conn.execute(f"SELECT * FROM {t} ORDER BY rowid")]
+                for t in ("runs", "sql_results", "sql_candidates", "sql_votes")}
+    finally:
+        conn.close()
+
+
+def test_rerun_reuses_the_votes_and_voting_off_reuses_the_greedy_answers(voting_run, monkeypatch):
+    root, inputs, results = voting_run["root"], voting_run["inputs"], voting_run["results"]
+    before = store_tables(root)
+    status, sampled = voting_main(root, inputs, monkeypatch, "--select-adapter-on", "voted")
+    assert status == 0 and sampled.prompts == sampled.greedy == 0
+    assert store_tables(root) == before
+    # voting off: the same run in the store, so no greedy answer is generated again; no voted result
+    status, sampled = voting_main(root, inputs, monkeypatch, "--num-candidates", "0", "--stages", "data,baseline_ex")
+    assert status == 0 and sampled.prompts == sampled.greedy == 0
+    off = json.loads((root / "results" / "stages" / "baseline_ex.json").read_text())["result"]
+    assert "voted" not in off
+    on = results["baseline"]["ex"]
+    assert {k: off[k] for k in ("ex", "count", "by_hardness", "errors", "run_id")} == {
+        k: on[k] for k in ("ex", "count", "by_hardness", "errors", "run_id")}
+
+
+def test_interrupted_sampling_resumes_without_regenerating_stored_candidates(voting_run, tmp_path, monkeypatch):
+    from tests.test_pipeline import BATCH, N_EVAL
+
+    inputs, full = voting_run["inputs"], voting_run["root"]
+    stages = ("--stages", "data,baseline_ex")
+    status, sampled = voting_main(tmp_path, inputs, monkeypatch, *stages, interrupt=True)
+    assert status == 130 and sampled.greedy == N_EVAL and sampled.prompts == BATCH
+    stored = candidates_of(tmp_path, "baseline_ex")
+    assert len(stored) == BATCH * N_CANDIDATES  # the first batch's candidates, generated but not executed yet
+    assert all(c["raw_output"] is not None and c["fingerprint"] is None and c["error"] is None for c in stored.values())
+    assert not store_tables(tmp_path)["sql_votes"]
+
+    status, sampled = voting_main(tmp_path, inputs, monkeypatch, *stages)
+    assert status == 0 and sampled.greedy == 0 and sampled.prompts == N_EVAL - BATCH  # only what was missing
+    resumed, uninterrupted = candidates_of(tmp_path, "baseline_ex"), candidates_of(full, "baseline_ex")
+    assert {k: c["raw_output"] for k, c in resumed.items() if k in stored} == {
+        k: c["raw_output"] for k, c in stored.items()}  # kept, not regenerated
+    volatile = ("run_id", "updated_at", "latency_s")
+    assert ({k: {f: v for f, v in c.items() if f not in volatile} for k, c in resumed.items()}
+            == {k: {f: v for f, v in c.items() if f not in volatile} for k, c in uninterrupted.items()})  # same seeds
+    result = json.loads((tmp_path / "results" / "stages" / "baseline_ex.json").read_text())["result"]
+    expected = voting_run["results"]["baseline"]["ex"]
+    assert {k: v for k, v in result["voted"].items() if k != "seconds"} == {
+        k: v for k, v in expected["voted"].items() if k != "seconds"}
