@@ -3,10 +3,13 @@
     python main.py                       # every stage, with the constants below
     python main.py --demo                # the bundled demo data and SmolLM2-135M-Instruct, minutes on a CPU
     python main.py --stages preprocess,train --sample-size-train 500
+    python main.py --eval-dataset my_eval.json --databases my_dbs --stages baseline_ex   # your own data, no Spider
     python main.py --help
     accelerate launch main.py            # the same run spread over every GPU of the machine (README: Several GPUs)
 
-Constants below are the defaults; `.env` (see .env.example) overrides them, and flags override both.
+Constants below are the defaults; `.env` (see .env.example: every constant by its name, lists as JSON) overrides
+them, and flags override both. The data are Spider's unless PATH_FT_DATASET, PATH_TASK_EVAL_DATASET and
+PATH_DATABASES (--ft-dataset, --eval-dataset, --databases) name your own (README: Bring your own data).
 Each stage's result is saved under results/; a rerun with the same inputs skips it, an interrupted run resumes.
 """
 from __future__ import annotations
@@ -17,9 +20,9 @@ from contextlib import nullcontext
 
 # --- config --------------------------------------------------------------------------------------------
 BASE_MODEL_ID = "openlm-research/open_llama_3b_v2"  # Hub id, local folder or .gguf file
-SAMPLE_SIZE_EVAL = 200  # Spider dev examples (seeded subset); None = all
-SAMPLE_SIZE_TRAIN = 2000  # Spider train examples (seeded subset); None = all
-TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training.py
+SAMPLE_SIZE_EVAL = 200  # examples of each evaluation set (seeded subset); None = all
+SAMPLE_SIZE_TRAIN = 2000  # train examples (seeded subset); None = all
+TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training.py (OOM: batch halved)
     {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
     {"learning_rate": 1e-4, "num_train_epochs": 2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
 ]
@@ -30,6 +33,7 @@ MAX_NEW_TOKENS = 160
 SQL_TIMEOUT_S = 30.0  # per query, enforced inside SQLite
 SCHEMA_SAMPLE_ROWS = 0  # sample rows per table in the prompt's schema
 QUANTIZATION = "auto"  # auto: 4-bit NF4 on CUDA, plain float32 LoRA on CPU; or "4bit" / "none"
+EVAL_PRECISION = "4bit"  # "4bit": evaluate as trained; "merged": base unquantized, adapter merged (faster, more memory)
 SEED = 0
 NUM_CANDIDATES = 0  # execution-guided voting: sampled SQL candidates per question (e.g. 8); 0 or 1 = off
 VOTE_TEMPERATURE = 0.7  # sampling of the candidates
@@ -39,6 +43,7 @@ SELECT_ADAPTER_ON = "greedy"  # the best adapter by "greedy" or "voted" EX
 
 from scripts import distributed, evaluate, mmlu, pre_proc, regression, report, spider_data, training  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
+from scripts.models import check_model_source  # noqa: E402
 from scripts.run_state import StageCache  # noqa: E402
 from scripts.settings import Settings, parse_args, resolve_settings  # noqa: E402
 from scripts.store import ResultsStore  # noqa: E402
@@ -60,6 +65,7 @@ def config_defaults() -> dict:
         "sql_timeout_s": SQL_TIMEOUT_S,
         "schema_sample_rows": SCHEMA_SAMPLE_ROWS,
         "quantization": QUANTIZATION,
+        "eval_precision": EVAL_PRECISION,
         "seed": SEED,
         "num_candidates": NUM_CANDIDATES,
         "vote_temperature": VOTE_TEMPERATURE,
@@ -70,22 +76,26 @@ def config_defaults() -> dict:
 
 def run(s: Settings) -> dict:
     """The whole pipeline, stage by stage; a stage left out of --stages reuses its saved result if any."""
+    training.validate_training_configs(s.training_configs)  # every input is checked before anything is written
+    check_model_source(s.base_model_id, s.hf_token)  # a missing path, an unknown Hub id, the Hub unreachable
+    mmlu.check_data(s)
+    data = spider_data.prepare_stage(s)  # 1. the train and evaluation sets and their databases (Spider's or yours)
     cache = StageCache(s.results_dir / "stages", force=s.force)
-    training.validate_training_configs(s.training_configs)
     models = evaluate.ModelCache(s)
     # under accelerate launch the main process alone opens (and writes) the store; the others pass None
     with ResultsStore(s.db_path) if distributed.is_main() else nullcontext() as store:
-        layout = spider_data.prepare_stage(s)  # 1. unpack and validate Spider
-        dev = evaluate.dev_examples(s, layout)
-        baseline_ex = evaluate.ex_stage("baseline_ex", "baseline_ex", s, cache, store, models, layout, dev)  # 2. baseline EX
+        eval_sets = evaluate.eval_examples(s, data)  # each evaluation set's examples (seeded subset)
+        baseline_ex = evaluate.sets_stage("baseline_ex", "baseline_ex", s, cache, store, models, eval_sets)  # 2. baseline EX
         baseline_mmlu = mmlu.mmlu_stage("baseline_mmlu", s, cache, store, models)  # 2. baseline MMLU
-        train_set = pre_proc.preprocess_stage(s, cache, layout, models)  # 3. train set in chat format
+        train_set = pre_proc.preprocess_stage(s, cache, data.train, models)  # 3. train set in chat format
+        models.release()  # the evaluation model leaves the GPU before training loads its own
         adapters = training.train_stage(s, train_set)  # 4. one QLoRA run per config
-        tuned_ex = evaluate.adapters_stage(s, cache, store, models, layout, dev, adapters)  # 5. EX per adapter
-        best = evaluate.best_adapter(tuned_ex, s.select_adapter_on)
+        tuned_ex = evaluate.adapters_stage(s, cache, store, models, eval_sets, adapters)  # 5. EX per adapter and set
+        best = evaluate.best_adapter(tuned_ex, eval_sets, s.select_adapter_on)  # on the first set, greedy or voted EX
         tuned_mmlu = mmlu.mmlu_stage("mmlu_best", s, cache, store, models, adapter=best)  # 6. MMLU of the best
         analysis = regression.regression_stage(s, cache, baseline_mmlu, tuned_mmlu)  # 6. regression analysis
-        return report.report_stage(s, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu, analysis)
+        return report.report_stage(s, eval_sets, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu,
+                                   analysis)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Benchmark of Spider dev SQL generation: batch sizes and cache levers against a small-batch reference, in one process.
 
-Usage: python -m bench.bench_generation MODEL SPIDER_ZIP [--n N] [--quantization none|4bit] [--out DIR]
+Usage: python -m bench.bench_generation MODEL SPIDER_ZIP [--n N] [--quantization none|4bit] [--adapter DIR]
+    [--eval-precision 4bit|merged] [--only NAME,...] [--out DIR]
 Every variant generates greedily for the same N dev prompts; printed: seconds, ratio to the reference, and how
 many answers are identical to the reference's (greedy decoding in other batch shapes can flip near-ties in bf16).
 """
@@ -12,17 +13,17 @@ from pathlib import Path
 from bench import save_json, timed
 from scripts.evaluate import build_prompts
 from scripts.generation import generate
-from scripts.models import load_model_and_tokenizer
+from scripts.models import load_for_evaluation
 from scripts.spider_data import load_split, prepare_spider
 
-VARIANTS = {  # name: (batch size, extra generate arguments)
-    "reference (batch 16)": (16, {}),
-    "batch 64": (64, {}),
-    "batch 128": (128, {}),
-    "batch 256": (256, {}),
-    "batch 512": (512, {}),
-    "batch 1024": (1024, {}),
-    "batch 256, static cache (compiled)": (256, {"cache_implementation": "static"}),
+VARIANTS = {  # name: (batch size, extra generate arguments); the first is the reference (names hold no comma)
+    "batch 256 model.generate (the pipeline until 2026-12-03)": (256, {"decoder": "hf"}),
+    "batch 256 pruned (ended answers leave the batch)": (256, {"decoder": "prune"}),
+    "batch 1024 model.generate": (1024, {"decoder": "hf"}),
+    "batch 1024 pruned": (1024, {"decoder": "prune"}),
+    "batch 16 model.generate": (16, {"decoder": "hf"}),
+    "batch 16 pruned": (16, {"decoder": "prune"}),
+    "batch 256 static cache (compiled) model.generate": (256, {"decoder": "hf", "cache_implementation": "static"}),
 }
 
 
@@ -33,6 +34,8 @@ def main() -> None:
     p.add_argument("spider_zip", type=Path)
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--quantization", default="none")
+    p.add_argument("--adapter", default=None, help="a trained adapter folder (results/<run>/adapter)")
+    p.add_argument("--eval-precision", default="4bit", help="4bit (as --quantization) or merged (scripts/models.py)")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--only", default="", help="comma-separated variant names (or parts of names) to run besides the "
@@ -40,8 +43,9 @@ def main() -> None:
     args = p.parse_args()
     layout = prepare_spider(args.spider_zip, Path("data/spider_data"))
     examples = [e for e in load_split(layout, "dev") if layout.db_path(e["db_id"])][: args.n]
-    model, tokenizer = load_model_and_tokenizer(args.model, quantization=args.quantization)
+    model, tokenizer = load_for_evaluation(args.model, args.adapter, args.quantization, args.eval_precision)
     prompts = build_prompts(tokenizer, examples, layout)
+    generate(model, tokenizer, prompts[:8], batch_size=8, max_new_tokens=4)  # warm-up: no variant is timed cold
     rows, reference = [], None
     only = set(args.only.split(",")) if args.only else None
     for name, (batch_size, extra) in VARIANTS.items():
@@ -56,9 +60,9 @@ def main() -> None:
                      "identical": same, "n": len(texts)})
         save_json(args.out, "bench_generation.json", rows)  # kept if a later variant runs out of time or memory
         print(f"{name}: {seconds:.1f} s, {same}/{len(texts)} identical to the reference", flush=True)
-    print(f"{'variant':36} {'seconds':>8} {'speed-up':>8} {'identical':>10}")
+    print(f"{'variant':60} {'seconds':>8} {'speed-up':>8} {'identical':>10}")
     for r in rows:
-        print(f"{r['variant']:36} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']}")
+        print(f"{r['variant']:60} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']}")
     save_json(args.out, "bench_generation.json", rows)
 
 

@@ -11,8 +11,9 @@ imported relatively and `scripts.errors` only optionally.
 Per example (default flags of the official evaluator): `> =`, `< =`, `! =` repaired; `YEAR(CURDATE())`
 -> 2020; every `distinct` token removed with sqlparse unless keep_distinct; rows compared as lists
 when the gold has ORDER BY, else as bags, up to a permutation of the columns; every `*.sqlite` file
-of the database folder must agree. A failing prediction is wrong; a failing gold or a missing
-database gives correct=None and is left out of EX.
+of the database folder must agree. A database is `<db_dir>/<db_id>/<db_id>.sqlite` (Spider's layout) or
+`<db_dir>/<db_id>.sqlite` (one file). A failing prediction is wrong; a failing gold or a missing
+database gives correct=None and is left out of EX. `check_golds` runs the gold queries alone.
 """
 from __future__ import annotations
 
@@ -151,12 +152,22 @@ def result_eq(gold: list[tuple], pred: list[tuple], order_matters: bool) -> bool
 
 # ---------------------------------------------------------------- scoring one example
 
+def database_path(db_dir: str | Path, db_id: str) -> Path | None:
+    """`<db_id>/<db_id>.sqlite` (Spider's layout) or else `<db_id>.sqlite` under db_dir, when it is a file; else None."""
+    for path in (Path(db_dir) / db_id / f"{db_id}.sqlite", Path(db_dir) / f"{db_id}.sqlite"):
+        if path.is_file():
+            return path
+    return None
+
+
 def database_files(db_dir: str | Path, db_id: str) -> list[Path] | None:
-    """Every `*.sqlite` file of the database folder, or None when `<db_id>/<db_id>.sqlite` is missing."""
-    folder = Path(db_dir) / db_id
-    if not (folder / f"{db_id}.sqlite").is_file():
+    """The files a query of db_id must agree on: every `*.sqlite` of `<db_id>/`, or the one `<db_id>.sqlite`; None if missing."""
+    path = database_path(db_dir, db_id)
+    if path is None:
         return None
-    return sorted(p for p in folder.iterdir() if ".sqlite" in p.name and p.is_file())
+    if path.parent == Path(db_dir):  # the flat layout: one file per database
+        return [path]
+    return sorted(p for p in path.parent.iterdir() if ".sqlite" in p.name and p.is_file())
 
 
 def gold_hardness(gold: str) -> str:
@@ -171,13 +182,15 @@ def _outcome(correct: bool | None, error: str, level: str, message: str = "") ->
     return {"correct": correct, "hardness": level, "error": error, "message": message[:300]}
 
 
-def score_example(pred: str, gold: str, db_id: str, db_dir: str, timeout: float, keep_distinct: bool) -> dict:
-    """One example: {'correct': bool | None, 'hardness', 'error', 'message'}."""
+def score_example(pred: str | None, gold: str, db_id: str, db_dir: str, timeout: float, keep_distinct: bool) -> dict:
+    """One example: {'correct': bool | None, 'hardness', 'error', 'message'}; pred None checks the gold alone."""
     level = gold_hardness(gold)
     files = database_files(db_dir, db_id)
     if files is None:
-        return _outcome(None, DB_MISSING, level, f"{Path(db_dir) / db_id / (db_id + '.sqlite')} not found")
-    pred = pred.strip()
+        return _outcome(None, DB_MISSING, level, f"neither {Path(db_dir) / db_id / (db_id + '.sqlite')} nor "
+                                                 f"{Path(db_dir) / (db_id + '.sqlite')} exists")
+    check_only = pred is None  # check_golds: the gold query alone, prepared and run exactly as when scoring
+    pred = gold if check_only else pred.strip()
     if not pred:
         return _outcome(False, EMPTY, level)
     try:
@@ -193,6 +206,8 @@ def score_example(pred: str, gold: str, db_id: str, db_dir: str, timeout: float,
         gold_result = run_query(path, gold, timeout)
         if not gold_result.ok:
             return _outcome(None, GOLD_ERROR, level, f"{path.name}: {gold_result.error}: {gold_result.message}")
+        if check_only:
+            continue
         pred_result = run_query(path, pred, timeout)
         if not pred_result.ok:
             return _outcome(False, pred_result.error, level, pred_result.message)
@@ -226,6 +241,13 @@ def score_all(items: list[tuple[str, str, str]], db_dir: str, timeout: float, ke
     # thread costs nothing to start (a spawned process re-imports the caller's main module: ~25 s under main.py)
     with ThreadPoolExecutor(workers) as pool:
         return [outcome for chunk in pool.map(_score_chunk, jobs) for outcome in chunk]
+
+
+def check_golds(golds: Sequence[str], db_ids: Sequence[str], db_dir: str | Path, *, timeout: float = 30.0,
+                keep_distinct: bool = False, workers: int | None = None) -> list[dict]:
+    """Whether each gold query runs on its database as scoring runs it: per example `ok`, `db_missing` or `gold_error`."""
+    items = [(None, gold, db_id) for gold, db_id in zip(golds, db_ids)]
+    return score_all(items, str(db_dir), timeout, keep_distinct, workers) if items else []
 
 
 def summarize(per_example: list[dict], db_ids: Sequence[str]) -> dict:
@@ -398,7 +420,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--gold", required=True, type=Path, help="lines `SQL<TAB>db_id` (e.g. dev_gold.sql)")
     parser.add_argument("--pred", required=True, type=Path, help="one predicted SQL per line, same order")
-    parser.add_argument("--db", required=True, type=Path, help="Spider database folder (<db>/<db_id>/<db_id>.sqlite)")
+    parser.add_argument("--db", required=True, type=Path,
+                        help="database folder (<db>/<db_id>/<db_id>.sqlite or <db>/<db_id>.sqlite)")
     parser.add_argument("--table", type=Path, default=None, help="tables.json: check that every db_id is known")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per query (default 30)")
     parser.add_argument("--keep-distinct", action="store_true", help="do not remove DISTINCT before executing")

@@ -1,6 +1,8 @@
-"""Stages 2 and 5: execution accuracy of the base model and of each adapter (prompts, generation, extraction, score)."""
+"""Stages 2 and 5: execution accuracy of the base model and of each adapter on each evaluation set (prompts,
+generation, extraction, score)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -268,36 +270,51 @@ class ModelCache:
         """(model, tokenizer) for the base model, or the base model with this adapter."""
         key = adapter or ""
         if self._key != key:
-            from scripts.models import load_model_and_tokenizer
+            from scripts.models import load_for_evaluation
 
-            self._loaded = None  # free the previous model before loading the next one
-            self._loaded = load_model_and_tokenizer(
-                self.settings.base_model_id,
-                adapter=adapter,
-                quantization=self.settings.quantization,
-                token=self.settings.hf_token,
-            )
+            self.release()  # free the previous model before loading the next one
+            self._loaded = load_for_evaluation(self.settings.base_model_id, adapter, self.settings.quantization,
+                                               self.settings.eval_precision, token=self.settings.hf_token)
             self._key = key
         return self._loaded
 
+    def release(self) -> None:
+        """Drop the cached model and give its memory back (before training loads its own copy)."""
+        from scripts.gpu_memory import release_memory
 
-def dev_examples(settings, layout: SpiderLayout) -> list[dict]:
-    """The Spider dev examples to evaluate (seeded subset), also written to PATH_TASK_EVAL_DATASET (main process)."""
-    from scripts.spider_data import load_split, missing_databases, sample_examples
+        self._key, self._loaded = None, None
+        release_memory()
 
-    examples = sample_examples(load_split(layout, "dev"), settings.sample_size_eval, settings.seed)
-    if not distributed.is_main():  # the same seeded sample; the main process warns and writes the file
-        return examples
-    missing = missing_databases(layout, examples)
-    if missing:
-        log.warning(
-            "%d of %d dev examples have no database and are excluded from EX: %s",
-            sum(missing.values()), len(examples), dict(missing),
-        )
-    path = settings.path_task_eval_dataset
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({k: e[k] for k in ("db_id", "question", "query")}) + "\n" for e in examples))
-    return examples
+
+def eval_examples(settings, data) -> list:
+    """Each evaluation set with the examples to evaluate (seeded subset), saved as RESULTS_DIR/eval_sets/<name>.jsonl."""
+    from scripts.spider_data import missing_databases, sample_examples
+
+    chosen = []
+    for dataset in data.eval_sets:
+        examples = sample_examples(dataset.examples, settings.sample_size_eval, settings.seed)
+        chosen.append(dataclasses.replace(dataset, examples=examples))
+        if not distributed.is_main():  # the same seeded sample; the main process warns and writes the file
+            continue
+        missing = missing_databases(dataset.layout, examples)
+        if missing:
+            log.warning("%s: %d of %d examples have no database and are excluded from EX: %s",
+                        dataset.name, sum(missing.values()), len(examples), dict(missing))
+        path = settings.evaluated_dir / f"{dataset.name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({k: e[k] for k in ("db_id", "question", "query")}) + "\n" for e in examples))
+    return chosen
+
+
+def sets_stage(stage: str, prefix: str, settings, cache, store, models: ModelCache, eval_sets, adapter=None) -> dict:
+    """Stage 2 or 5 on every evaluation set: {set name: EX summary}, each saved as `<prefix>@<set name>`."""
+    results = {}
+    for dataset in eval_sets:
+        result = ex_stage(stage, f"{prefix}@{dataset.name}", settings, cache, store, models, dataset.layout,
+                          dataset.examples, adapter=adapter)
+        if result is not None:
+            results[dataset.name] = result
+    return results
 
 
 def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, layout: SpiderLayout, examples, adapter=None):
@@ -308,7 +325,7 @@ def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, 
     """
     from scripts.run_state import fingerprint
 
-    run_key = _ex_key(settings, examples, adapter)
+    run_key = _ex_key(settings, layout, examples, adapter)
     sampling = vote_sampling(settings)
     key = fingerprint(run_key, sampling_config(sampling)) if sampling else run_key
     if stage not in settings.stages:
@@ -320,11 +337,12 @@ def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, 
             kind=name,
             model=settings.base_model_id,
             adapter=adapter,
-            config={"max_new_tokens": settings.max_new_tokens, "schema_sample_rows": settings.schema_sample_rows},
+            config={"max_new_tokens": settings.max_new_tokens, "schema_sample_rows": settings.schema_sample_rows,
+                    "eval_precision": settings.eval_precision},
             data_fingerprint=run_key,
         )
         run_id = distributed.broadcast(run_id)
-        log.info("%s: generating SQL for %d dev examples", name, len(examples))
+        log.info("%s: generating SQL for %d examples", name, len(examples))
         start = time.perf_counter()
         summary = evaluate_text_to_sql(
             model, tokenizer, examples, layout,
@@ -352,45 +370,50 @@ def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, 
     return cache.run(name, key, compute)
 
 
-def adapters_stage(settings, cache, store, models: ModelCache, layout: SpiderLayout, examples, adapters: dict) -> dict:
-    """Stage 5: execution accuracy of every trained adapter."""
+def adapters_stage(settings, cache, store, models: ModelCache, eval_sets, adapters: dict) -> dict:
+    """Stage 5: execution accuracy of every trained adapter on every evaluation set: {run name: {set name: summary}}."""
     results = {}
     for run_name, run in adapters.items():
-        result = ex_stage("eval_adapters", f"ex_{run_name}", settings, cache, store, models, layout, examples, adapter=run["adapter_dir"])
-        if result is not None:
+        result = sets_stage("eval_adapters", f"ex_{run_name}", settings, cache, store, models, eval_sets,
+                            adapter=run["adapter_dir"])
+        if result:
             results[run_name] = result
     return results
 
 
-def best_adapter(tuned: dict, on: str = "greedy") -> str | None:
-    """The adapter directory with the highest dev EX, greedy or voted (`on`), the first on a tie; None without any."""
-    if not tuned:
+def best_adapter(tuned: dict, eval_sets, on: str = "greedy") -> str | None:
+    """The adapter directory with the highest EX on the first evaluation set, greedy or voted (`on`), the first on a
+    tie; None without any."""
+    first = eval_sets[0].name if eval_sets else None
+    scored = {name: by_set[first] for name, by_set in tuned.items() if first in by_set}
+    if not scored:
         return None
-    best = max(tuned, key=lambda name: (tuned[name]["voted"] if on == "voted" else tuned[name])["ex"])
-    return tuned[best]["adapter"]
+    best = max(scored, key=lambda name: (scored[name]["voted"] if on == "voted" else scored[name])["ex"])
+    return scored[best]["adapter"]
 
 
-def _ex_key(settings, examples, adapter) -> str:
-    """What an EX result depends on."""
+def _ex_key(settings, layout: SpiderLayout, examples, adapter) -> str:
+    """What an EX result depends on: the model, the adapter's weights, the examples and their databases' content."""
     from scripts.run_state import fingerprint
+    from scripts.spider_data import set_fingerprint
 
     adapter_stamp = None
     if adapter:
         weights = sorted(Path(adapter).glob("adapter_model*"))
         adapter_stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
     return fingerprint(
-        settings.base_model_id, adapter, adapter_stamp, [example_key(e) for e in examples],
-        settings.max_new_tokens, settings.schema_sample_rows, settings.sql_timeout_s,
+        settings.base_model_id, adapter, adapter_stamp, set_fingerprint(examples, layout),
+        settings.max_new_tokens, settings.schema_sample_rows, settings.sql_timeout_s, settings.quantization,
+        settings.eval_precision,
     )
 
 
 def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
-    """Reload the best adapter, regenerate SQL for n stored dev examples; agreement with the store and EX of both."""
+    """Reload the best adapter, regenerate SQL for n stored examples of the first set; agreement with the store, EX."""
     import os
     import random
 
-    from scripts.models import load_model_and_tokenizer
-    from scripts.spider_data import prepare_spider
+    from scripts.models import load_for_evaluation
     from scripts.store import ResultsStore
 
     s = results["settings"]
@@ -399,10 +422,11 @@ def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
         stored = [r for r in store.sql_rows(best["ex"]["run_id"]) if r["correct"] is not None]
     sample = random.Random(s["seed"]).sample(stored, min(n, len(stored)))
     examples = [{"db_id": r["db_id"], "question": r["question"], "query": r["gold_sql"]} for r in sample]
-    layout = prepare_spider(Path(s["spider_zip"]), Path(s["data_dir"]))
-    model, tokenizer = load_model_and_tokenizer(
-        s["base_model_id"], adapter=results["best_adapter"], quantization=s["quantization"], token=os.environ.get("HF_TOKEN")
-    )
+    first = results["eval_sets"][0]  # the set the best adapter was chosen on, and its databases
+    layout = SpiderLayout(Path(first["database_dir"]), Path(first["database_dir"]),
+                          Path(first["tables_file"]) if first.get("tables_file") else None)
+    model, tokenizer = load_for_evaluation(s["base_model_id"], results["best_adapter"], s["quantization"],
+                                           s.get("eval_precision", "4bit"), token=os.environ.get("HF_TOKEN"))
     prompts = build_prompts(tokenizer, examples, layout, s["schema_sample_rows"])
     texts = generate(model, tokenizer, prompts, batch_size=s["eval_batch_size"], max_new_tokens=s["max_new_tokens"])
     sqls = [extract_sql(t or "", layout.db_path(e["db_id"])) for t, e in zip(texts, examples)]

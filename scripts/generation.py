@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from scripts.gpu_memory import split_on_oom
 from scripts.prompts import end_of_turn, stop_strings
 
 DECODERS = ("prune", "hf")
@@ -121,28 +122,12 @@ def generate(
                 return _generate_hf(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, **generate_kwargs)
             return _generate_pruned(model, tokenizer, texts, max_new_tokens, eos, stops, sampling)
 
-        answers = split_on_oom(run, indices)
+        answers = split_on_oom(run, indices, "answers")
         for i, answer in zip(indices, answers):
             outputs[i] = answer
         if done:
             done(indices, answers, time.perf_counter() - start)
     return outputs
-
-
-def split_on_oom(run: Callable[[list[int]], list], batch: list[int]) -> list:
-    """Run a batch; on CUDA out-of-memory run its two halves instead, down to one prompt."""
-    try:
-        return run(batch)
-    except torch.cuda.OutOfMemoryError:
-        if len(batch) == 1:
-            raise
-        torch.cuda.empty_cache()
-        import logging
-
-        logging.getLogger(__name__).warning("out of GPU memory generating %d answers at once; splitting the batch",
-                                            len(batch))
-        half = len(batch) // 2
-        return split_on_oom(run, batch[:half]) + split_on_oom(run, batch[half:])
 
 
 def _group(texts: list[str], n: int | None) -> list:

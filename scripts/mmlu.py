@@ -21,6 +21,7 @@ from pathlib import Path
 
 from scripts import distributed
 from scripts.errors import UserError
+from scripts.gpu_memory import split_on_oom
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +73,25 @@ def load_csv_split(root: Path, split: str) -> list[dict]:
 def read_subject_csv(file: Path, subject: str) -> list[dict]:
     """One subject's questions from its CSV; a malformed row raises UserError naming file and line."""
     questions = []
-    with open(file, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            if len(row) != 6:
-                raise UserError(f"{file}:{reader.line_num}: expected 6 columns (question, A, B, C, D, answer), "
-                                f"found {len(row)}; fix or remove that row")
-            answer = row[5].strip().upper()
-            if answer not in LETTERS:
-                raise UserError(f"{file}:{reader.line_num}: answer {row[5]!r} is not one of A, B, C, D; fix that row")
-            questions.append(
-                {"subject": subject, "index": len(questions), "question": row[0], "choices": row[1:5], "answer": answer}
-            )
+    try:
+        with open(file, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
+                        "(the original MMLU CSVs are)") from None
+    except csv.Error as e:
+        raise UserError(f"{file} is not a readable CSV file ({e}); fix it or get a fresh copy of MMLU") from None
+    for line_num, row in rows:
+        if len(row) != 6:
+            raise UserError(f"{file}:{line_num}: expected 6 columns (question, A, B, C, D, answer), "
+                            f"found {len(row)}; fix or remove that row")
+        answer = row[5].strip().upper()
+        if answer not in LETTERS:
+            raise UserError(f"{file}:{line_num}: answer {row[5]!r} is not one of A, B, C, D; fix that row")
+        questions.append(
+            {"subject": subject, "index": len(questions), "question": row[0], "choices": row[1:5], "answer": answer}
+        )
     return questions
 
 
@@ -269,27 +277,13 @@ def evaluate_mmlu(
         for prefix, members in groups.items():
             cache = prefix_cache(model, list(prefix))
             for batch in _length_sorted_batches(members, lengths, batch_size):
-                finish(batch, split_on_oom(lambda b, p=prefix, c=cache: suffix_scores(p, c, b), batch))
+                finish(batch, split_on_oom(lambda b, p=prefix, c=cache: suffix_scores(p, c, b), batch,
+                                           "questions"))
         for batch in _length_sorted_batches(single, lengths, batch_size):
-            finish(batch, split_on_oom(single_scores, batch))
+            finish(batch, split_on_oom(single_scores, batch, "questions"))
         for batch in _length_sorted_batches(multi, lengths, max(1, batch_size // len(LETTERS))):
-            finish(batch, split_on_oom(multi_scores, batch))
+            finish(batch, split_on_oom(multi_scores, batch, "questions"))
     return rows  # type: ignore[return-value]
-
-
-def split_on_oom(score: Callable[[list[int]], list], batch: list[int]) -> list:
-    """Score a batch; on CUDA out-of-memory score its two halves instead, down to one question."""
-    import torch
-
-    try:
-        return score(batch)
-    except torch.cuda.OutOfMemoryError:
-        if len(batch) == 1:
-            raise
-        torch.cuda.empty_cache()
-        log.warning("MMLU: out of GPU memory with %d questions in a batch; splitting it", len(batch))
-        half = len(batch) // 2
-        return split_on_oom(score, batch[:half]) + split_on_oom(score, batch[half:])
 
 
 def summarize_mmlu(rows: Sequence[dict]) -> dict:
@@ -539,6 +533,15 @@ def _result_row(question: dict, loglik: list[float]) -> dict:
 
 # --- stage ------------------------------------------------------------------------------------------------
 
+def check_data(settings) -> None:
+    """Read PATH_MMLU's CSVs when an MMLU stage runs: a bad file stops the run before anything is written."""
+    if settings.path_mmlu is None or not {"baseline_mmlu", "mmlu_best"} & set(settings.stages):
+        return  # the Hub's copy is checked when it is loaded
+    load_mmlu(settings.path_mmlu, "test")
+    if settings.mmlu_k_shot > 0:
+        load_mmlu(settings.path_mmlu, "dev")
+
+
 def mmlu_stage(stage: str, settings, cache, store, models, adapter: str | None = None) -> dict | None:
     """Stage 2 (base model) or 6 (best adapter): MMLU accuracy, answers in the store, resumable."""
     from scripts.run_state import fingerprint
@@ -547,7 +550,8 @@ def mmlu_stage(stage: str, settings, cache, store, models, adapter: str | None =
         log.info("%s: no adapter to evaluate; skipped", stage)
         return None
     key = fingerprint(settings.base_model_id, adapter, _adapter_stamp(adapter), str(settings.path_mmlu),
-                      settings.mmlu_per_subject, settings.seed, settings.mmlu_k_shot)
+                      settings.mmlu_per_subject, settings.seed, settings.mmlu_k_shot, settings.quantization,
+                      settings.eval_precision)
     if stage not in settings.stages:
         return cache.load(stage, key)
     return cache.run(stage, key, lambda: _run_mmlu(stage, settings, store, models, adapter))

@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("cache/models")
 SLOW_TOKENIZER_PREFIX = "openlm-research/open_llama"  # its authors advise against the auto-converted fast tokenizer
+SENTENCEPIECE_FILE = "tokenizer.model"
 GGUF_MARKER = "gguf_source.json"  # written last into a GGUF cache folder: the conversion finished
+HUB_PROBE_TIMEOUT_S = 10.0  # one request to the Hub before loading; a Hub that does not answer in time is unreachable
 
 
 @dataclass(frozen=True)
@@ -58,18 +60,45 @@ def choose_quantization(requested: str, cuda_available: bool | None = None) -> t
     return requested, f"{requested} requested, running on {where}"
 
 
-def compute_dtype(cuda_available: bool | None = None, bf16_supported: bool | None = None) -> torch.dtype:
-    """bf16 on CUDA that supports it, fp16 on older CUDA, float32 on CPU (bf16 matmuls are ~10x slower there)."""
+@dataclass(frozen=True)
+class Precision:
+    """The compute dtype of weights and 4-bit matmuls, and the Trainer's mixed-precision flags, on this machine."""
+
+    dtype: torch.dtype
+    bf16: bool  # TrainingArguments(bf16=...)
+    fp16: bool  # TrainingArguments(fp16=...): with the trainable (LoRA) weights in float32
+    reason: str
+
+
+def precision(cuda_available: bool | None = None) -> Precision:
+    """bf16 on GPUs with native bf16 (Ampere on), fp16 mixed precision on older ones, float32 on CPU.
+
+    torch.cuda.is_bf16_supported() alone says True on a T4 (compute capability 7.5) because it counts emulation,
+    which is slow: including_emulation=False asks for the real thing.
+    """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     if not cuda:
-        return torch.float32
-    bf16 = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
-    return torch.bfloat16 if bf16 else torch.float16
+        return Precision(torch.float32, False, False, "CPU: float32 (bf16 matmuls are ~10x slower there)")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    gpu = f"{props.name} (compute capability {props.major}.{props.minor})"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return Precision(torch.bfloat16, True, False, f"{gpu} has native bf16: bf16 compute and mixed precision")
+    return Precision(torch.float16, False, True, f"{gpu} has no native bf16 (torch would emulate it, slowly): "
+                                                 "fp16 compute, fp16 mixed precision, LoRA weights in float32")
 
 
-def default_use_fast(model_id: str) -> bool:
-    """False only for OpenLLaMA, whose authors report wrong tokenizations from the auto-converted fast tokenizer."""
-    return not str(model_id).startswith(SLOW_TOKENIZER_PREFIX)
+def default_use_fast(model_id: str, folder: str | Path | None = None) -> bool:
+    """False (sentencepiece's own tokenizer) for OpenLLaMA ids and for a folder with tokenizer.model but no tokenizer.json.
+
+    OpenLLaMA's authors report wrong tokenizations from the auto-converted fast tokenizer, and transformers 5 cannot
+    convert a sentencepiece-only folder without protobuf; a folder that has a tokenizer.json loads it as it is.
+    """
+    if str(model_id).startswith(SLOW_TOKENIZER_PREFIX):
+        return False
+    if folder is not None and Path(folder).is_dir():
+        folder = Path(folder)
+        return not ((folder / SENTENCEPIECE_FILE).is_file() and not (folder / "tokenizer.json").is_file())
+    return True
 
 
 def _looks_like_path(model_id: str) -> bool:
@@ -111,6 +140,58 @@ def _hub_gguf(model_id: str, token: str | None) -> ModelSource:
     with hub_errors(model_id):
         local = Path(hf_hub_download(repo_id=repo_id, filename=filename, token=token))
     return ModelSource("gguf", str(local), gguf_file=local)
+
+
+def check_model_source(model_id: str, token: str | None = None) -> None:
+    """Fail fast, before anything is written: a missing local path, an unknown Hub id, or a Hub that cannot be reached."""
+    model_id = str(model_id)
+    if model_id.endswith(".gguf") and not Path(model_id).expanduser().is_file():
+        if _looks_like_local_gguf(model_id) or model_id.count("/") < 2:
+            _hub_gguf(model_id, token)  # raises the missing-file message
+        parts = model_id.split("/")
+        check_hub(model_id, "/".join(parts[:2]), "/".join(parts[2:]), token)
+        return
+    if resolve_source(model_id, token).kind == "hub":
+        check_hub(model_id, model_id, "config.json", token)
+
+
+def check_hub(model_id: str, repo_id: str, filename: str, token: str | None = None) -> None:
+    """One quick request to the Hub for repo_id, without retries: unknown or unreachable is a UserError at once.
+
+    Offline (HF_HUB_OFFLINE=1) nothing is asked of the Hub: the local cache must hold the repo's `filename`.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub import errors as hub
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if _offline_mode():
+        if not _in_hub_cache(repo_id, filename):
+            raise UserError(f"{model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set. "
+                            "Download it once with network access, or set BASE_MODEL_ID to a local folder or .gguf file")
+        return
+    try:
+        HfApi(endpoint=endpoint).model_info(repo_id, token=token or False, timeout=HUB_PROBE_TIMEOUT_S)
+    except (hub.RepositoryNotFoundError, hub.HFValidationError) as error:
+        raise UserError(hub_error_message(model_id, error)) from None
+    except hub.HfHubHTTPError:
+        return  # the Hub answered (gated, rate limit, ...): the loader reports what it means
+    except Exception as error:  # noqa: BLE001 - no answer at all (refused, timed out, DNS): the Hub is unreachable
+        advice = (f"{model_id!r} is in the local cache: set HF_HUB_OFFLINE=1 to use it without the Hub"
+                  if _in_hub_cache(repo_id, filename) else
+                  f"{model_id!r} is not in the local cache: download it once with network access, or set BASE_MODEL_ID "
+                  "to a local folder or .gguf file (and HF_HUB_OFFLINE=1 to run with no network at all)")
+        raise UserError(f"the Hugging Face Hub ({endpoint}) cannot be reached ({type(error).__name__}); {advice}") \
+            from None
+
+
+def _in_hub_cache(repo_id: str, filename: str) -> bool:
+    """Whether the local Hub cache holds `filename` of repo_id's main revision."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # noqa: BLE001 - an id the cache cannot even look up is not cached
+        return False
 
 
 def _looks_like_local_gguf(model_id: str) -> bool:
@@ -186,30 +267,40 @@ def ensure_pad_token(tokenizer) -> None:
     log.info("tokenizer has no pad token: using %r (no new token, embeddings unchanged)", fallback)
 
 
-def _tokenizer_backend_kwargs(use_fast: bool) -> dict:
-    """from_pretrained kwargs for the fast (tokenizers) or slow (sentencepiece) backend of transformers 5."""
-    if use_fast:
-        return {}
+def _sentencepiece_tokenizer_class():
+    """scripts.sentencepiece_tokenizer.SentencePieceTokenizer, or a UserError saying how to install sentencepiece."""
     if importlib.util.find_spec("sentencepiece") is None:
-        raise UserError("this model's tokenizer must be loaded with sentencepiece (use_fast=False: the converted fast "
-                        "tokenizer mis-tokenizes it); install it with `pip install sentencepiece`")
-    return {"backend": "sentencepiece", "use_fast": False}
+        raise UserError("this model's tokenizer is a sentencepiece tokenizer.model, read by the sentencepiece package "
+                        "(the auto-converted fast tokenizer mis-tokenizes it): install it with "
+                        "`pip install sentencepiece` (it is in requirements.txt)")
+    from scripts.sentencepiece_tokenizer import SentencePieceTokenizer
+
+    return SentencePieceTokenizer
 
 
-def _load_tokenizer_from(source: ModelSource, model_id: str, token: str | None, use_fast: bool):
-    """AutoTokenizer for a resolved (non-GGUF) source, Hub errors translated."""
+def _load_tokenizer_from(source: ModelSource, model_id: str, token: str | None, use_fast: bool | None):
+    """The fast tokenizer (AutoTokenizer) or sentencepiece's own for a resolved (non-GGUF) source, Hub errors translated."""
     from transformers import AutoTokenizer
 
+    if use_fast is None:
+        use_fast = default_use_fast(model_id, source.path if source.kind == "folder" else None)
+    if use_fast:
+        with hub_errors(model_id):
+            return AutoTokenizer.from_pretrained(source.path, token=token)
+    tokenizer_class = _sentencepiece_tokenizer_class()
+    if source.kind == "folder" and not (Path(source.path) / SENTENCEPIECE_FILE).is_file():
+        raise UserError(f"{source.path} has no {SENTENCEPIECE_FILE}, so its tokenizer cannot be loaded with "
+                        "sentencepiece (use_fast=False): leave use_fast unset to load its tokenizer.json")
+    log.info("tokenizer: sentencepiece's own (%s), not a converted fast tokenizer", SENTENCEPIECE_FILE)
     with hub_errors(model_id):
-        return AutoTokenizer.from_pretrained(source.path, token=token, **_tokenizer_backend_kwargs(use_fast))
+        return tokenizer_class.from_pretrained(source.path, token=token)
 
 
 def load_tokenizer(model_id: str, token: str | None = None, *, use_fast: bool | None = None,
                    cache_dir: Path = DEFAULT_CACHE_DIR):
-    """The model's tokenizer with a pad token and padding_side="left" (for generation)."""
+    """The model's tokenizer with a pad token and padding_side="left" (for generation); use_fast: see default_use_fast."""
     token = _token(token)
     source = _prepared_source(str(model_id), token, Path(cache_dir))
-    use_fast = default_use_fast(str(model_id)) if use_fast is None else use_fast
     tokenizer = _load_tokenizer_from(source, str(model_id), token, use_fast)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
@@ -324,7 +415,7 @@ def _token(token: str | None) -> str | None:
 
 def _model_kwargs(quantization: str, cuda: bool, attn_implementation: str | None = None) -> dict:
     """from_pretrained kwargs for "4bit" or "none" on this machine (and an attention implementation, if given)."""
-    dtype = compute_dtype(cuda)
+    dtype = precision(cuda).dtype
     kwargs: dict = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -350,6 +441,22 @@ def _load_adapter(model, adapter: str | Path, for_training: bool):
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
 
 
+@contextmanager
+def _load_fits(model_id: str, quantization: str) -> Iterator[None]:
+    """Turn an out-of-memory error while the weights load into a UserError naming the GPU and what to change."""
+    from scripts import gpu_memory
+
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - only out-of-memory errors are translated, the rest re-raised
+        if not gpu_memory.is_out_of_memory(error):
+            raise
+        fix = ("set QUANTIZATION to 4bit (main.py, .env or --quantization) or choose a smaller model (BASE_MODEL_ID)"
+               if quantization != "4bit" else "choose a smaller model (BASE_MODEL_ID) or a GPU with more memory")
+        raise UserError(f"{model_id!r} does not fit in memory: out of memory while its weights load "
+                        f"({gpu_memory.gpu_memory_text()}); {fix}") from None
+
+
 def load_model_and_tokenizer(
     model_id: str,
     *,
@@ -364,7 +471,7 @@ def load_model_and_tokenizer(
 ):
     """(model, tokenizer) for a Hub id, local folder or .gguf; 4-bit NF4 or full precision; optional PEFT adapter.
 
-    The tokenizer has a pad token and padding_side="left"; attn_implementation (e.g. "eager") overrides the model's
+    The tokenizer has a pad token and padding_side="left" (use_fast=None: see default_use_fast); attn_implementation (e.g. "eager") overrides the model's
     default attention. For training with 4-bit the model goes through peft.prepare_model_for_kbit_training
     (gradient checkpointing as given); otherwise the model is in eval mode.
     """
@@ -373,13 +480,12 @@ def load_model_and_tokenizer(
     token = _token(token)
     cuda = torch.cuda.is_available()
     chosen, why = choose_quantization(quantization, cuda)
-    log.info("quantization: %s (%s); dtype %s", chosen, why, str(compute_dtype(cuda)).replace("torch.", ""))
+    log.info("quantization: %s (%s); precision: %s", chosen, why, precision(cuda).reason)
     source = _prepared_source(str(model_id), token, Path(cache_dir))
-    use_fast = default_use_fast(str(model_id)) if use_fast is None else use_fast
     tokenizer = _load_tokenizer_from(source, str(model_id), token, use_fast)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
-    with hub_errors(str(model_id)):
+    with hub_errors(str(model_id)), _load_fits(str(model_id), chosen):
         model = AutoModelForCausalLM.from_pretrained(source.path, token=token,
                                                      **_model_kwargs(chosen, cuda, attn_implementation))
     if model.generation_config.pad_token_id is None:
@@ -398,6 +504,24 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def load_for_evaluation(model_id: str, adapter: str | Path | None, quantization: str, eval_precision: str,
+                        token: str | None = None):
+    """(model, tokenizer) for the EX and MMLU stages: "4bit" as trained (QUANTIZATION's choice), or "merged":
+    the base model unquantized (bf16 on a GPU) with the adapter merged into its weights (faster decoding, about
+    2 bytes per parameter of GPU memory)."""
+    from scripts.settings import EVAL_PRECISIONS
+
+    if eval_precision not in EVAL_PRECISIONS:
+        raise UserError(f"EVAL_PRECISION must be one of {EVAL_PRECISIONS}, got {eval_precision!r} "
+                        "(main.py, .env or --eval-precision)")
+    if eval_precision == "4bit":
+        return load_model_and_tokenizer(model_id, adapter=adapter, quantization=quantization, token=token)
+    model, tokenizer = load_model_and_tokenizer(model_id, adapter=adapter, quantization="none", token=token)
+    if adapter is not None:
+        model = model.merge_and_unload().eval()
+    return model, tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Device facts for the report
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,10 +533,10 @@ def describe_device(quantization: str = "auto") -> dict:
     return {
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
         "cuda_available": cuda,
-        "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported()),
+        "bf16_supported": bool(cuda and torch.cuda.is_bf16_supported(including_emulation=False)),
         "quantization": chosen,
         "quantization_reason": why,
-        "compute_dtype": str(compute_dtype(cuda)).replace("torch.", ""),
+        "compute_dtype": str(precision(cuda).dtype).replace("torch.", ""),
         "torch": torch.__version__,
     }
 

@@ -1,4 +1,6 @@
-"""Stage 3: Spider train examples -> a prompt/completion dataset for SFT (schema text, sampling, length limits).
+"""Stage 3: the train set's examples (Spider train or the user's) -> a prompt/completion dataset for SFT.
+
+The dataset is written to `<RESULTS_DIR>/train_chat.jsonl` (schema text, sampling, length limits).
 
 Each row: `prompt` (exactly the inference prompt, scripts.prompts.render), `completion` (gold SQL + end of turn),
 `db_id`, `question`, `num_tokens` (prompt + completion, tokenized without added special tokens, as in training).
@@ -163,7 +165,7 @@ def load_jsonl(path: Path) -> Dataset:
     """Read a dataset written by save_jsonl; a missing or malformed file is a UserError."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"training data set {path} not found (PATH_FT_DATASET); run the 'preprocess' stage first")
+        raise UserError(f"the pre-processed train set {path} is missing; run the 'preprocess' stage first")
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -186,33 +188,40 @@ def preprocess_max_length(training_configs: list[dict]) -> int:
     return max(lengths) if lengths else DEFAULT_MAX_LENGTH
 
 
-def preprocess_stage(settings, cache, layout, models) -> dict | None:
-    """Stage 3: build, log and save the train set; returns {"path", "fingerprint", "stats"} (resumable)."""
-    from scripts.run_state import fingerprint
-    from scripts.spider_data import load_split
+def preprocess_stage(settings, cache, train, models) -> dict | None:
+    """Stage 3: build, log and save the train set (a DataSet of stage 1); returns {"path", "fingerprint", "stats"}.
 
+    The key (and so every training run's name) hashes the examples and their databases' content, not their paths.
+    """
+    from scripts.run_state import fingerprint
+
+    if train is None:  # nothing to train on in this run (stage 1 said why when a stage needed it)
+        if "preprocess" in settings.stages:
+            raise UserError("the preprocess stage has no train set: set PATH_FT_DATASET (--ft-dataset) to your "
+                            "train file, or provide spider_data.zip (PATH_SPIDER_ZIP)")
+        return None
     max_length = preprocess_max_length(settings.training_configs)
-    examples = load_split(layout, "train")
     key = fingerprint(
-        "preprocess", settings.base_model_id, [(e["db_id"], e["question"], e["query"]) for e in examples],
-        settings.sample_size_train, settings.seed, settings.schema_sample_rows, max_length, str(settings.path_ft_dataset),
+        "preprocess", settings.base_model_id, train.fingerprint,
+        settings.sample_size_train, settings.seed, settings.schema_sample_rows, max_length,
     )
+    path = settings.train_chat_file
     if "preprocess" not in settings.stages:
         return cache.load("preprocess", key)
 
     def compute() -> dict:
         _, tokenizer = models.get()
         dataset, stats = build_sft_dataset(
-            examples, layout, tokenizer, max_length=max_length, sample_rows=settings.schema_sample_rows,
+            train.examples, train.layout, tokenizer, max_length=max_length, sample_rows=settings.schema_sample_rows,
             sample_size=settings.sample_size_train, seed=settings.seed,
         )
         if len(dataset) == 0:
-            raise UserError(f"no training example fits in max_length={max_length} tokens: raise max_length in "
-                            f"TRAINING_CONFIGS or lower SCHEMA_SAMPLE_ROWS ({stats})")
+            raise UserError(f"no example of {train.source} fits in max_length={max_length} tokens or has a schema: "
+                            f"raise max_length in TRAINING_CONFIGS or lower SCHEMA_SAMPLE_ROWS ({stats})")
         if distributed.is_main():  # under accelerate launch every process builds the same set; one writes it
-            save_jsonl(dataset, settings.path_ft_dataset)
-            log.info("train set saved to %s", settings.path_ft_dataset)
-        return {"path": str(settings.path_ft_dataset), "fingerprint": key, "stats": stats}
+            save_jsonl(dataset, path)
+            log.info("train set saved to %s", path)
+        return {"path": str(path), "fingerprint": key, "stats": stats, "source": train.source}
 
     result = cache.run("preprocess", key, compute)
     if distributed.broadcast(not Path(result["path"]).exists()):  # saved stage result but the file was deleted

@@ -13,15 +13,30 @@ log = logging.getLogger(__name__)
 LEVELS = ("easy", "medium", "hard", "extra")
 
 
-def report_stage(settings, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu, analysis) -> dict:
-    """Write results.json, report.md and the PNG plots; return the results dict."""
+def report_stage(settings, eval_sets, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu,
+                 analysis) -> dict:
+    """Write results.json, report.md and the PNG plots; return the results dict.
+
+    `baseline_ex` is {set name: EX summary}, `tuned_ex` {run name: {set name: summary}}; `ex` is the first set's
+    (the one the best adapter is chosen on), `ex_by_set` every set's.
+    """
+    first = eval_sets[0].name if eval_sets else None
+    tuned_ex = tuned_ex or {}
     results = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings.public(),
-        "baseline": {"ex": baseline_ex, "mmlu": _without_rows(baseline_mmlu)},
+        "eval_sets": [
+            {"name": d.name, "source": d.source, "examples": len(d.examples),
+             "database_dir": str(d.layout.database_dir),
+             "tables_file": str(d.layout.tables_file) if d.layout.tables_file else None,
+             "evaluated_file": str(settings.evaluated_dir / f"{d.name}.jsonl")}
+            for d in eval_sets
+        ],
+        "baseline": {"ex": (baseline_ex or {}).get(first), "ex_by_set": baseline_ex or {},
+                     "mmlu": _without_rows(baseline_mmlu)},
         "runs": {
             name: {"training": run.get("summary"), "config": run.get("config"), "adapter_dir": run.get("adapter_dir"),
-                   "ex": tuned_ex.get(name)}
+                   "ex": tuned_ex.get(name, {}).get(first), "ex_by_set": tuned_ex.get(name, {})}
             for name, run in (adapters or {}).items()
         },
         "best_adapter": best,
@@ -54,33 +69,58 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     s = results["settings"]
     base_ex = results["baseline"]["ex"] or {}
     base_mmlu = results["baseline"]["mmlu"] or {}
-    evaluated = [("baseline", base_ex)] + [(n, r["ex"] or {}) for n, r in results["runs"].items()]
-    voting = any(ex.get("voted") for _, ex in evaluated)  # the voted EX column only when voting was on
+    sets = [d["name"] for d in results.get("eval_sets", [])]
+    first = sets[0] if sets else "-"
+    by_run = [("baseline", results["baseline"].get("ex_by_set") or {})]
+    by_run += [(n, r.get("ex_by_set") or {}) for n, r in results["runs"].items()]
+    voting = any(ex.get("voted") for _, by_set in by_run for ex in by_set.values())  # voted EX only when voting was on
     lines = [
         "# Text-to-SQL fine-tuning report",
         "",
-        f"Model `{s['base_model_id']}`, {results['created']}. Spider dev examples: {base_ex.get('count', '-')} scored "
-        f"(sample size {s['sample_size_eval'] or 'all'}); train sample {s['sample_size_train'] or 'all'}; "
-        f"MMLU {s['mmlu_k_shot']}-shot, {s['mmlu_per_subject'] or 'all'} per subject.",
+        f"Model `{s['base_model_id']}`, {results['created']}. Evaluation set `{first}`: {base_ex.get('count', '-')} "
+        f"examples scored (sample size {s['sample_size_eval'] or 'all'}); "
+        f"train sample {s['sample_size_train'] or 'all'}; "
+        f"MMLU {s['mmlu_k_shot']}-shot, {s['mmlu_per_subject'] or 'all'} per subject. Evaluated "
+        + ("as trained (quantization " + str(s.get("quantization")) + ")" if s.get("eval_precision", "4bit") == "4bit"
+           else "unquantized, adapters merged into the weights (EVAL_PRECISION=merged)") + ".",
         "",
-        "## Execution accuracy (Spider dev) and MMLU",
+        f"## Execution accuracy (`{first}`) and MMLU",
         "",
         "| run | EX % | " + ("voted EX % | " if voting else "") + " | ".join(f"{lv} %" for lv in LEVELS)
-        + " | MMLU % | train time s | tokens/s | peak GB |",
+        + " | MMLU % | train time s | tokens/s | peak GB | batch x accumulation |",
         "| --- | ---: | " + ("---: | " if voting else "") + " | ".join("---:" for _ in LEVELS)
-        + " | ---: | ---: | ---: | ---: |",
-        _row("baseline", base_ex, base_mmlu.get("accuracy"), None, voting),
+        + " | ---: | ---: | ---: | ---: | --- |",
+        _row("baseline", base_ex, base_mmlu.get("accuracy"), None, voting=voting),
     ]
     for name, run in results["runs"].items():
         mmlu = (results["best_mmlu"] or {}).get("accuracy") if run["adapter_dir"] == results["best_adapter"] else None
         lines.append(_row(name + (" (best)" if run["adapter_dir"] == results["best_adapter"] else ""), run["ex"] or {},
-                          mmlu, run["training"] or {}, voting))
+                          mmlu, run["training"] or {}, run.get("config"), voting))
+    if len(sets) > 1:
+        lines += ["", "## Execution accuracy per evaluation set (the best adapter is chosen on the first)", "",
+                  "| run | " + " | ".join(f"`{name}` EX % (n)" + (f" | `{name}` voted EX %" if voting else "")
+                                          for name in sets) + " |",
+                  "| --- | " + " | ".join("---:" + (" | ---:" if voting else "") for _ in sets) + " |"]
+        for name, by_set in by_run:
+            cells = []
+            for d in sets:
+                ex = by_set.get(d) or {}
+                cells.append(f"{_pct(ex.get('ex'))} ({ex.get('count', '-')})")
+                if voting:
+                    cells.append(_pct((ex.get("voted") or {}).get("ex")))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    retried = [name for name, run in results["runs"].items() if (run["training"] or {}).get("oom_retries")]
+    if retried:
+        lines += ["", "Out of GPU memory in training, retried with half the per-device batch and twice the "
+                      "accumulation (the same effective batch): " + ", ".join(f"`{n}`" for n in retried) + "."]
     lines += ["", "EX counts only examples whose database exists; errors by class:", ""]
-    for name, ex in evaluated:
-        if ex.get("errors"):
-            lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in sorted(ex["errors"].items())))
+    for name, by_set in by_run:
+        for set_name, ex in by_set.items():
+            if ex.get("errors"):
+                label = name if len(sets) < 2 else f"{name}, `{set_name}`"
+                lines.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(ex["errors"].items())))
     if voting:
-        lines += _voting_section(evaluated, s.get("select_adapter_on", "greedy"))
+        lines += _voting_section(by_run, sets, s.get("select_adapter_on", "greedy"))
     analysis = results["regression"]
     if analysis:
         lines += ["", "## Regression analysis (MMLU, fine-tuned vs base, same questions)", "", analysis.get("verdict", "")]
@@ -92,15 +132,17 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _voting_section(evaluated: list[tuple[str, dict]], select_on: str) -> list[str]:
-    """Greedy against voted EX per run, what the vote changed and what it cost."""
-    voted = [(name, ex, ex["voted"]) for name, ex in evaluated if ex.get("voted")]
+def _voting_section(by_run: list[tuple[str, dict]], sets: list[str], select_on: str) -> list[str]:
+    """Greedy against voted EX per run and evaluation set, what the vote changed and what it cost."""
+    voted = [(name if len(sets) < 2 else f"{name}, `{set_name}`", ex, ex["voted"])
+             for name, by_set in by_run for set_name, ex in by_set.items() if ex.get("voted")]
     first = voted[0][2]
+    chosen_on = f"{select_on} EX" + (f" of `{sets[0]}`" if len(sets) > 1 else "")
     lines = ["", "## Execution-guided voting", "",
              f"{first['n']} sampled candidates per question (temperature {first['temperature']}, top-p "
              f"{first['top_p']}, seed {first['seed']}) and the greedy answer, each executed read-only; the most "
              f"common result wins (the greedy answer's on a tie, and when none runs). The best adapter is chosen on "
-             f"{select_on} EX.", "",
+             f"{chosen_on}.", "",
              "| run | greedy EX % | voted EX % | answers changed | gained | lost | voting s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, ex, v in voted:
@@ -109,7 +151,7 @@ def _voting_section(evaluated: list[tuple[str, dict]], select_on: str) -> list[s
     return lines
 
 
-def _row(name: str, ex: dict, mmlu, training: dict | None, voting: bool = False) -> str:
+def _row(name: str, ex: dict, mmlu, training: dict | None, config: dict | None = None, voting: bool = False) -> str:
     """One table row (with the voted EX after the greedy EX when voting was on)."""
     by = ex.get("by_hardness") or {}
     t = training or {}
@@ -119,8 +161,19 @@ def _row(name: str, ex: dict, mmlu, training: dict | None, voting: bool = False)
         _num(t.get("train_seconds")),
         _num(t.get("tokens_per_second")),
         _num(t.get("peak_memory_gb"), 2),
+        _batch(t, config) if training is not None else "-",
     ]
     return "| " + " | ".join(cells) + " |"
+
+
+def _batch(training: dict, config: dict | None) -> str:
+    """"8 x 2", the batch trained with (a run of an earlier version: its config's), and its out-of-memory retries."""
+    source = training if "per_device_train_batch_size" in training else (config or {})
+    size, steps = source.get("per_device_train_batch_size"), source.get("gradient_accumulation_steps")
+    if size is None or steps is None:
+        return "-"
+    retries = training.get("oom_retries") or 0
+    return f"{size} x {steps}" + (f" ({retries} OOM {'retry' if retries == 1 else 'retries'})" if retries else "")
 
 
 def _num(value, digits: int = 0) -> str:
@@ -137,12 +190,18 @@ def write_plots(out: Path, results: dict, adapters: dict, analysis: dict | None)
 
     written = []
     names = ["baseline"] + list(results["runs"])
-    values = [(results["baseline"]["ex"] or {}).get("ex")] + [(r["ex"] or {}).get("ex") for r in results["runs"].values()]
-    if any(v is not None for v in values):
-        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3))
-        ax.bar(names, [100 * (v or 0) for v in values], color=["grey"] + ["tab:blue"] * (len(names) - 1))
+    sets = [d["name"] for d in results.get("eval_sets", [])]
+    by_run = [results["baseline"].get("ex_by_set") or {}] + [r.get("ex_by_set") or {} for r in results["runs"].values()]
+    if any(by_set for by_set in by_run):
+        fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) * max(1, len(sets)) ** 0.5), 3))
+        width = 0.8 / max(1, len(sets))
+        for j, set_name in enumerate(sets):  # one bar per run and evaluation set
+            values = [100 * ((by_set.get(set_name) or {}).get("ex") or 0) for by_set in by_run]
+            ax.bar([i + (j - (len(sets) - 1) / 2) * width for i in range(len(names))], values, width, label=set_name)
+        ax.set_xticks(range(len(names)), names)
         ax.set_ylabel("EX %")
-        ax.set_title("Spider dev execution accuracy")
+        ax.set_title("execution accuracy")
+        ax.legend(fontsize=7)
         ax.tick_params(axis="x", labelrotation=20)
         written.append(_save(fig, out / "ex_per_config.png"))
     curves = {name: run.get("loss_curve") for name, run in adapters.items() if run.get("loss_curve")}

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import logging
+import math
 import os
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from dotenv import dotenv_values
 
 from scripts.errors import UserError
+
+log = logging.getLogger(__name__)
 
 STAGES = (
     "data",
@@ -23,23 +29,34 @@ STAGES = (
     "report",
 )
 QUANTIZATIONS = ("auto", "4bit", "none")
-SELECT_ADAPTER_ON = ("greedy", "voted")
-# .env / environment variable -> Settings field
+EVAL_PRECISIONS = ("4bit", "merged")  # scripts/models.py: load_for_evaluation
+SELECT_ADAPTER_ON = ("greedy", "voted")  # the EX the best adapter is chosen on (with execution-guided voting)
+# main.py's constants, as Settings fields; each is also a .env key, upper-cased (SAMPLE_SIZE_EVAL=...)
+CONSTANTS = (
+    "base_model_id", "sample_size_eval", "sample_size_train", "training_configs", "mmlu_per_subject", "mmlu_k_shot",
+    "eval_batch_size", "max_new_tokens", "sql_timeout_s", "schema_sample_rows", "quantization", "eval_precision",
+    "seed", "num_candidates", "vote_temperature", "vote_top_p", "select_adapter_on",
+)
+# .env / environment key -> Settings field: the token, every constant of main.py, the inputs and the outputs
 ENV_KEYS = {
     "HF_TOKEN": "hf_token",
-    "BASE_MODEL_ID": "base_model_id",
-    "PATH_SPIDER_ZIP": "spider_zip",
-    "PATH_FT_DATASET": "path_ft_dataset",
-    "PATH_TASK_EVAL_DATASET": "path_task_eval_dataset",
-    "PATH_MMLU": "path_mmlu",
-    "DB_PATH": "db_path",
-    "RESULTS_DIR": "results_dir",
-    "NUM_CANDIDATES": "num_candidates",
-    "VOTE_TEMPERATURE": "vote_temperature",
-    "VOTE_TOP_P": "vote_top_p",
-    "SELECT_ADAPTER_ON": "select_adapter_on",
+    **{name.upper(): name for name in CONSTANTS},
+    "PATH_SPIDER_ZIP": "spider_zip",  # input: the official Spider release
+    "PATH_FT_DATASET": "path_ft_dataset",  # input: the user's train set (replaces Spider train)
+    "PATH_TASK_EVAL_DATASET": "path_task_eval_dataset",  # input: the user's evaluation set(s), comma-separated
+    "PATH_DATABASES": "path_databases",  # input: the databases of the examples (default: Spider's)
+    "PATH_MMLU": "path_mmlu",  # input: MMLU in its CSV layout
+    "DB_PATH": "db_path",  # output: the results store
+    "RESULTS_DIR": "results_dir",  # output: everything else
 }
-_NUMBERS = {"num_candidates": int, "vote_temperature": float, "vote_top_p": float}  # read from .env as text
+CHECK_KEYS = ("MIN_EX", "MAX_MMLU_DROP", "LIVE_SAMPLE", "LIVE_MIN_AGREEMENT")  # .env keys of scripts/test.py
+LIBRARY_PREFIXES = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "ACCELERATE_", "CUDA_")  # environment variables of libraries
+SIZES = ("sample_size_eval", "sample_size_train", "mmlu_per_subject")  # a positive integer, or None for all
+INTEGERS = ("mmlu_k_shot", "eval_batch_size", "max_new_tokens", "schema_sample_rows", "seed", "num_candidates")
+FLOATS = ("sql_timeout_s", "vote_temperature", "vote_top_p")
+PATHS = ("spider_zip", "data_dir", "results_dir", "db_path", "path_ft_dataset", "path_databases", "path_mmlu")
+TRAIN_CHAT_NAME = "train_chat.jsonl"  # the pre-processed train set, written under RESULTS_DIR
+EVALUATED_DIR_NAME = "eval_sets"  # <RESULTS_DIR>/eval_sets/<set name>.jsonl: the examples each set evaluated
 
 
 @dataclass
@@ -57,6 +74,7 @@ class Settings:
     sql_timeout_s: float = 30.0
     schema_sample_rows: int = 0
     quantization: str = "auto"
+    eval_precision: str = "4bit"
     seed: int = 0
     num_candidates: int = 0  # execution-guided voting: sampled candidates per question; 0 or 1 = off
     vote_temperature: float = 0.7
@@ -66,8 +84,9 @@ class Settings:
     data_dir: Path = Path("data/spider_data")
     results_dir: Path = Path("results")
     db_path: Path | None = None  # default: <results_dir>/results.sqlite
-    path_ft_dataset: Path | None = None  # default: <results_dir>/ft_dataset.jsonl
-    path_task_eval_dataset: Path | None = None  # default: <results_dir>/eval_dataset.jsonl
+    path_ft_dataset: Path | None = None  # the user's train set; None = Spider train
+    path_task_eval_dataset: tuple[Path, ...] = ()  # the user's evaluation sets; () = Spider dev
+    path_databases: Path | None = None  # the examples' databases; None = Spider's database folder
     path_mmlu: Path | None = None
     stages: tuple[str, ...] = STAGES
     force: bool = False
@@ -82,38 +101,65 @@ class Settings:
                 continue
             value = getattr(self, f.name)
             out[f.name] = str(value) if isinstance(value, Path) else value
+        out["path_task_eval_dataset"] = [str(p) for p in self.path_task_eval_dataset]
         out["hf_token_set"] = bool(self.hf_token)
         return out
+
+    @property
+    def train_chat_file(self) -> Path:
+        """Where stage 3 writes the train set in chat format (prompt/completion JSON lines)."""
+        return self.results_dir / TRAIN_CHAT_NAME
+
+    @property
+    def evaluated_dir(self) -> Path:
+        """Where the examples of each evaluation set are written, one `<set name>.jsonl` each."""
+        return self.results_dir / EVALUATED_DIR_NAME
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line flags; each overrides a constant of main.py or a .env value."""
-    p = argparse.ArgumentParser(description="QLoRA fine-tuning for Text-to-SQL with an honest before/after report.")
+    p = argparse.ArgumentParser(
+        description="QLoRA fine-tuning for Text-to-SQL with an honest before/after report.",
+        epilog="Inputs: --ft-dataset, --eval-dataset, --databases, --spider-zip, --mmlu (and the model). "
+               "Outputs: --results-dir, --db-path. Each flag overrides its .env key (.env.example), which "
+               "overrides main.py's constants.")
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)} (default: all)")
     p.add_argument("--model", dest="base_model_id", help="Hub id, local folder or .gguf file")
-    p.add_argument("--sample-size-eval", type=_size, help="Spider dev examples to evaluate ('all' for every one)")
-    p.add_argument("--sample-size-train", type=_size, help="Spider train examples to train on ('all')")
+    p.add_argument("--sample-size-eval", type=_size, help="examples of each evaluation set ('all' for every one)")
+    p.add_argument("--sample-size-train", type=_size, help="train examples to train on ('all')")
     p.add_argument("--training-configs", help="JSON list of hyper-parameter dicts, or a path to a .json file")
     p.add_argument("--mmlu-per-subject", type=_size, help="MMLU questions per subject ('all')")
     p.add_argument("--mmlu-k-shot", type=int)
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--sql-timeout", dest="sql_timeout_s", type=float)
+    p.add_argument("--sql-timeout", dest="sql_timeout_s", type=float, help="seconds per SQL query (> 0)")
     p.add_argument("--quantization", choices=QUANTIZATIONS)
-    p.add_argument("--spider-zip", dest="spider_zip", type=Path)
-    p.add_argument("--mmlu", dest="path_mmlu", type=Path, help="MMLU folder in the original CSV layout")
-    p.add_argument("--results-dir", type=Path)
-    p.add_argument("--db-path", type=Path)
+    p.add_argument("--eval-precision", choices=EVAL_PRECISIONS,
+                   help="4bit: evaluate as trained; merged: base unquantized, adapter merged (faster, more memory)")
+    p.add_argument("--ft-dataset", dest="path_ft_dataset", type=Path, metavar="FILE",
+                   help="input: your train set, a JSON list or JSON lines of {question, query, db_id} "
+                        "(default: Spider train)")
+    p.add_argument("--eval-dataset", dest="path_task_eval_dataset", metavar="FILE[,FILE...]",
+                   help="input: your evaluation set(s), same format, each reported under its file name; "
+                        "the best adapter is chosen on the first (default: Spider dev)")
+    p.add_argument("--databases", dest="path_databases", type=Path, metavar="DIR",
+                   help="input: folder of <db_id>/<db_id>.sqlite or <db_id>.sqlite (default: Spider's databases)")
+    p.add_argument("--spider-zip", dest="spider_zip", type=Path,
+                   help="input: spider_data.zip or an unpacked Spider folder (not needed with all three above)")
+    p.add_argument("--mmlu", dest="path_mmlu", type=Path, help="input: MMLU folder in the original CSV layout")
+    p.add_argument("--results-dir", type=Path, help="output: adapters, stage results, report (default: results)")
+    p.add_argument("--db-path", type=Path,
+                   help="output: the SQLite results store (default: <results-dir>/results.sqlite)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-candidates", type=int, help="execution-guided voting: sampled SQL candidates per question "
                    "(0 or 1: off)")
     p.add_argument("--vote-temperature", type=float, help="sampling temperature of the voting candidates")
     p.add_argument("--vote-top-p", type=float, help="top-p of the voting candidates")
     p.add_argument("--select-adapter-on", choices=SELECT_ADAPTER_ON,
-                   help="choose the best adapter on greedy or voted EX")
+                   help="choose the best adapter on greedy or voted EX (of the first evaluation set)")
     p.add_argument("--force", action="store_true", default=None, help="redo stages and training runs that exist")
     p.add_argument("--demo", action="store_true", default=None, help="the bundled demo data and SmolLM2-135M-Instruct")
-    p.add_argument("--env-file", type=Path, default=Path(".env"))
+    p.add_argument("--env-file", type=Path, default=None, help="settings file (default: .env when it exists)")
     return p.parse_args(argv)
 
 
@@ -122,34 +168,81 @@ def resolve_settings(defaults: dict, args: argparse.Namespace, environ: dict | N
     values = dict(defaults)
     if args.demo:
         values.update(demo_defaults())
-    env = {k: v for k, v in dotenv_values(args.env_file).items() if v} if args.env_file.exists() else {}
-    env.update({k: v for k, v in (environ if environ is not None else os.environ).items() if k in ENV_KEYS and v})
-    for key, name in ENV_KEYS.items():
-        if key in env:
-            values[name] = env[key]
+    for key, (text, where) in read_env(args.env_file, os.environ if environ is None else environ).items():
+        values[ENV_KEYS[key]] = from_text(ENV_KEYS[key], text, f"{key} in {where}")
     for name, value in vars(args).items():
         if value is not None and name != "env_file":
             values[name] = None if value == ALL else value
     if args.demo:
         values.update(demo_data_paths())
-    for name, kind in _NUMBERS.items():
-        if isinstance(values.get(name), str):
-            values[name] = _number(name, values[name], kind)
     if isinstance(values.get("training_configs"), str):
-        values["training_configs"] = _read_configs(values["training_configs"])
+        values["training_configs"] = _read_configs(values["training_configs"], "--training-configs")
     if isinstance(values.get("stages"), str):
         values["stages"] = _parse_stages(values["stages"])
-    for name in ("spider_zip", "data_dir", "results_dir", "db_path", "path_ft_dataset", "path_task_eval_dataset", "path_mmlu"):
+    if isinstance(values.get("path_task_eval_dataset"), str):
+        values["path_task_eval_dataset"] = _path_list(values["path_task_eval_dataset"])
+    for name in PATHS:
         if values.get(name) is not None:
             values[name] = Path(values[name])
-    results = values.get("results_dir", Path("results"))
-    values.setdefault("db_path", None)
-    values["db_path"] = values["db_path"] or results / "results.sqlite"
-    values["path_ft_dataset"] = values.get("path_ft_dataset") or results / "ft_dataset.jsonl"
-    values["path_task_eval_dataset"] = values.get("path_task_eval_dataset") or results / "eval_dataset.jsonl"
+    values["db_path"] = values.get("db_path") or values.get("results_dir", Path("results")) / "results.sqlite"
     settings = Settings(**values)
     _validate(settings)
     return settings
+
+
+def read_env(env_file: Path | None, environ: dict) -> dict[str, tuple[str, str]]:
+    """{KEY: (value, where it was set)} from the .env file, then the environment; unknown .env keys warned about."""
+    path = Path(".env") if env_file is None else Path(env_file)
+    if env_file is not None and not path.is_file():
+        raise UserError(f"--env-file {path} not found; give an existing file (see .env.example) or leave the flag out")
+    found: dict[str, tuple[str, str]] = {}
+    if path.is_file():
+        try:
+            entries = dotenv_values(path, encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        known = [*ENV_KEYS, *CHECK_KEYS]
+        for key, value in entries.items():
+            if key in ENV_KEYS:
+                if value:  # KEY= (empty) leaves the setting as it is
+                    found[key] = (value, str(path))
+            elif key.startswith(LIBRARY_PREFIXES):  # e.g. HF_HUB_OFFLINE: read by the libraries from the environment
+                log.warning("%s: %s is ignored here; the libraries read it from the environment (export %s=...)",
+                            path, key, key)
+            elif key not in CHECK_KEYS:
+                closest = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.0)
+                log.warning("%s: unknown key %s is ignored; did you mean %s? (every key: .env.example)",
+                            path, key, closest[0] if closest else "-")
+    found.update({k: (v, "the environment") for k, v in environ.items() if k in ENV_KEYS and v})
+    return found
+
+
+def from_text(name: str, text: str, where: str):
+    """A setting's value from its .env text: numbers, 'all'/'none' for sizes, JSON (or a .json file) for lists."""
+    text = text.strip()
+    try:
+        if name in SIZES:
+            return None if text.lower() in ("all", "none", "null") else _positive_int(text)
+        if name in INTEGERS:
+            return int(text)
+        if name in FLOATS:
+            return float(text)
+    except ValueError:
+        kind = "a positive integer or 'all'" if name in SIZES else "an integer" if name in INTEGERS else "a number"
+        raise UserError(f"{where} is {text!r}, not {kind}; fix that line") from None
+    if name == "training_configs":
+        return _read_configs(text, where)
+    if name == "path_task_eval_dataset":
+        return _path_list(text)
+    return text
+
+
+def _positive_int(text: str) -> int:
+    """A positive integer, else ValueError."""
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value
 
 
 def _size(text: str) -> int | str:
@@ -157,39 +250,43 @@ def _size(text: str) -> int | str:
     if text.lower() in ("all", "none"):
         return ALL
     try:
-        value = int(text)
+        return _positive_int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return value
 
 
 ALL = "all"  # a flag's 'all', kept apart from None (= flag not given) until the merge
 
 
-def _number(name: str, text: str, kind: type) -> int | float:
-    """A number given as text (in .env), or an error that names the key."""
-    try:
-        return kind(text)
-    except ValueError:
-        expected = "an integer" if kind is int else "a number"
-        raise UserError(f"{name.upper()} in .env must be {expected}, got {text!r}") from None
+def _path_list(text: str) -> tuple[Path, ...]:
+    """Comma-separated paths (blank entries dropped)."""
+    return tuple(Path(part.strip()) for part in text.split(",") if part.strip())
 
 
-def _read_configs(text: str) -> list[dict]:
-    """TRAINING_CONFIGS from a JSON string or a JSON file."""
-    source = Path(text).read_text() if text.strip().endswith(".json") and Path(text).exists() else text
+def _read_configs(text: str, where: str) -> list[dict]:
+    """TRAINING_CONFIGS from a JSON string, or from a JSON file when the text is not JSON itself."""
+    text = text.strip()
+    source, origin = text, where
+    if not text.startswith(("[", "{")):  # not JSON: a file name
+        path = Path(text)
+        if not path.is_file():
+            raise UserError(f"{where}: file {path} not found; give a JSON list of dicts or an existing .json file")
+        try:
+            source, origin = path.read_text(encoding="utf-8"), f"{where}: file {path}"
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{where}: cannot read {path} ({e}); give a UTF-8 JSON file") from None
     try:
-        configs = json.loads(source)
+        return json.loads(source)
     except json.JSONDecodeError as e:
-        raise UserError(f"--training-configs is not valid JSON ({e}); give a JSON list of dicts or a .json file") from None
-    return configs
+        raise UserError(f"{origin} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                        "give a JSON list of dicts, one per training run") from None
 
 
 def _parse_stages(text: str) -> tuple[str, ...]:
     """Stage names in pipeline order; an unknown name is an error that lists the known ones."""
     names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise UserError(f"--stages {text!r} names no stage; choose from {', '.join(STAGES)} (or leave it out for all)")
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise UserError(f"unknown stage(s) {unknown} in --stages; choose from {', '.join(STAGES)}")
@@ -197,29 +294,35 @@ def _parse_stages(text: str) -> tuple[str, ...]:
 
 
 def _validate(s: Settings) -> None:
-    """Reject bad values before anything is loaded."""
-    for name in ("sample_size_eval", "sample_size_train", "mmlu_per_subject"):
+    """Reject bad values before anything is loaded or written."""
+    for name in SIZES:
         value = getattr(s, name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise UserError(f"{name.upper()} must be a positive integer or None (all), got {value!r}")
     for name in ("mmlu_k_shot", "schema_sample_rows"):
         value = getattr(s, name)
-        if not isinstance(value, int) or value < 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f"{name.upper()} must be an integer >= 0, got {value!r}")
     for name in ("eval_batch_size", "max_new_tokens"):
         value = getattr(s, name)
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UserError(f"{name.upper()} must be a positive integer, got {value!r}")
-    if not s.sql_timeout_s or s.sql_timeout_s <= 0:
-        raise UserError(f"SQL_TIMEOUT_S must be > 0 seconds, got {s.sql_timeout_s!r}")
+    if not isinstance(s.seed, int) or isinstance(s.seed, bool):
+        raise UserError(f"SEED must be an integer, got {s.seed!r}")
+    timeout = s.sql_timeout_s
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise UserError(f"SQL_TIMEOUT_S (--sql-timeout) must be a finite number of seconds > 0, got {timeout!r}")
     if s.quantization not in QUANTIZATIONS:
         raise UserError(f"QUANTIZATION must be one of {QUANTIZATIONS}, got {s.quantization!r}")
+    if s.eval_precision not in EVAL_PRECISIONS:
+        raise UserError(f"EVAL_PRECISION must be one of {EVAL_PRECISIONS}, got {s.eval_precision!r}")
     if not isinstance(s.num_candidates, int) or isinstance(s.num_candidates, bool) or s.num_candidates < 0:
         raise UserError(f"NUM_CANDIDATES must be an integer >= 0 (0 or 1: voting off), got {s.num_candidates!r}")
-    if not isinstance(s.vote_temperature, (int, float)) or not s.vote_temperature > 0:
-        raise UserError(f"VOTE_TEMPERATURE must be > 0 (sampling needs a temperature), got {s.vote_temperature!r}")
-    if not isinstance(s.vote_top_p, (int, float)) or not 0 < s.vote_top_p <= 1:
-        raise UserError(f"VOTE_TOP_P must be in (0, 1], got {s.vote_top_p!r}")
+    temperature, top_p = s.vote_temperature, s.vote_top_p
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise UserError(f"VOTE_TEMPERATURE must be > 0 (sampling needs a temperature), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise UserError(f"VOTE_TOP_P must be in (0, 1], got {top_p!r}")
     if s.select_adapter_on not in SELECT_ADAPTER_ON:
         raise UserError(f"SELECT_ADAPTER_ON must be one of {SELECT_ADAPTER_ON}, got {s.select_adapter_on!r}")
     if s.select_adapter_on == "voted" and s.num_candidates < 2:
@@ -229,6 +332,57 @@ def _validate(s: Settings) -> None:
         raise UserError("TRAINING_CONFIGS must be a list of dicts (one dict of hyper-parameters per training run)")
     if not s.base_model_id:
         raise UserError("BASE_MODEL_ID is empty: set it in main.py, .env or with --model")
+    check_output_folder(s.results_dir, "RESULTS_DIR (--results-dir)")
+    check_store_path(s.db_path)
+
+
+def check_output_folder(path: Path, setting: str) -> None:
+    """A folder the run can write: an existing folder, or one whose nearest existing parent is a writable folder."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{setting} {path} is a file, not a folder; choose another path or move the file away")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{setting} {path} cannot be created: {existing} is a file; choose another path")
+    try:  # the one reliable test (os.access says yes to root on read-only file systems); nothing is left behind
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{setting} {path} cannot be written ({existing}: {e.strerror or e}); "
+                        "choose a folder you can write to") from None
+
+
+def check_store_path(path: Path) -> None:
+    """DB_PATH: a new file in a writable folder, or an existing results store (never another SQLite database)."""
+    setting = "DB_PATH (--db-path)"
+    if path.is_dir():
+        raise UserError(f"{setting} {path} is a folder; give the path of the results database file, "
+                        "e.g. results/results.sqlite")
+    check_output_folder(path.parent, setting)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as f:
+        header = f.read(16)
+    if header != b"SQLite format 3\x00":
+        raise UserError(f"{setting} {path} exists and is not an SQLite database; give a new path (the results store "
+                        "is created there) or the results.sqlite of an earlier run")
+    tables = _sqlite_tables(path)
+    if tables is not None and tables and "runs" not in tables:
+        raise UserError(f"{setting} {path} is an SQLite database but not a results store (its tables: "
+                        f"{', '.join(sorted(tables)[:5])}); it is left untouched: give a new path")
+
+
+def _sqlite_tables(path: Path) -> set[str] | None:
+    """The table names of an SQLite file, read without changing it (None when unreadable)."""
+    from custom_metrics.safe_sqlite import ConnectionCache, run_query
+
+    connections = ConnectionCache(1)  # closed right after: the store opens this file for writing later
+    try:
+        result = run_query(path, "SELECT name FROM sqlite_master WHERE type = 'table'", 10.0, cache=connections)
+    finally:
+        connections.close()
+    return {row[0] for row in result.rows} if result.ok else None
 
 
 DEMO_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -270,10 +424,11 @@ def demo_defaults() -> dict:
 
 
 def demo_data_paths() -> dict:
-    """The demo's data, built from data/demo/ (these win over .env, so a real run's paths never leak in)."""
+    """The demo's data, built from data/demo/ (these win over .env and flags, so a real run's data never leaks in)."""
     from scripts import distributed
     from scripts.demo_data import build_demo_data
 
     with distributed.main_process_first():  # under accelerate launch the main process builds, the others reuse it
         spider_zip, mmlu_dir = build_demo_data(Path("data/demo_build"))
-    return {"spider_zip": spider_zip, "data_dir": Path("data/demo_build/unpacked"), "path_mmlu": mmlu_dir}
+    return {"spider_zip": spider_zip, "data_dir": Path("data/demo_build/unpacked"), "path_mmlu": mmlu_dir,
+            "path_ft_dataset": None, "path_task_eval_dataset": (), "path_databases": None}

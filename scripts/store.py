@@ -182,13 +182,17 @@ class ResultsStore:
         except (OSError, sqlite3.Error) as e:
             raise UserError(f"DB_PATH: cannot open the results database {self.path} ({e}); choose a writable path") from e
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            log.warning("results database %s is in %s mode, not WAL: readers may wait for writers", self.path, mode)
-        self._conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, and much faster
-        with self._conn:
-            self._conn.executescript(SCHEMA)
+        try:
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warning("results database %s is in %s mode, not WAL: readers may wait for writers", self.path, mode)
+            self._conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, and much faster
+            with self._conn:
+                self._conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as e:  # e.g. a file that is not SQLite (settings reject it before a run)
+            self._conn.close()
+            raise UserError(f"DB_PATH: {self.path} cannot be used as the results database ({e}); give a new path") from None
 
     def __enter__(self) -> "ResultsStore":
         return self

@@ -3,8 +3,8 @@
 Thresholds come from the environment (or .env): MIN_EX (default 0.0), MAX_MMLU_DROP in points (default 2.0; a
 larger drop fails when the exact McNemar test of the regression analysis calls it significant, and only warns
 when it calls it noise, as with the demo's 30 questions, where one question is 3.3 points),
-LIVE_SAMPLE (default 8 dev examples regenerated live), LIVE_MIN_AGREEMENT (default 0.75). With
-SELECT_ADAPTER_ON=voted the EX checks use the voted EX. RESULTS_DIR and
+LIVE_SAMPLE (default 8 examples of the first evaluation set regenerated live), LIVE_MIN_AGREEMENT (default 0.75).
+With SELECT_ADAPTER_ON=voted the EX checks use the voted EX (of the first evaluation set). RESULTS_DIR and
 DB_PATH point at another run. Not part of CI: it checks a real run's outputs.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_store_holds_every_answer(results: dict) -> None:
         pytest.skip(f"no results store at {DB_PATH}")
     from scripts.store import ResultsStore
 
-    evaluated = len(Path(results["settings"]["path_task_eval_dataset"]).read_text().splitlines())
+    evaluated = len(Path(results["eval_sets"][0]["evaluated_file"]).read_text().splitlines())  # the first set's
     with ResultsStore(DB_PATH) as store:
         for name in ("baseline", "best"):
             ex = results["baseline"]["ex"] if name == "baseline" else best_run(results)["ex"]

@@ -5,12 +5,19 @@ Each run writes results/<run-name>/:
     config.json         the exact configuration used (all keys resolved, base model, data fingerprint)
     training_log.json   loss per logged step, Trainer log history, summary (loss start->end, tokens/s, time, peak memory)
     checkpoints/        Trainer checkpoints; an interrupted run resumes from the last one
+    batch.json          only after a CUDA out-of-memory retry: the per-device batch and accumulation it settled on
 The run name is `<model>-<hash of model, resolved config and train data>`, so a rerun skips a completed run
 (unless force=True) and resumes an interrupted one.
 
 Loss is computed on the answer tokens only: rows are tokenized here exactly as at inference (prompt tokenized
 without added special tokens), prompt tokens get label -100, and the completion already ends with the template's
 end of turn (or eos), so nothing is appended (no double eos).
+
+Memory: each attempt loads its own model and frees it (and its trainer) when it ends. On out of memory the run is
+retried with half the per-device batch and twice the accumulation (the same effective batch), from its last
+checkpoint; at batch 1, or under several processes, it stops with a UserError that says what to change.
+Mixed precision follows scripts.models.precision(): bf16 on GPUs with native bf16, else fp16 with the LoRA weights
+in float32.
 
 Under `accelerate launch` every process loads its own copy of the model (on its GPU) and the Trainer runs
 data-parallel (DDP); the main process alone writes config.json, the adapter and training_log.json, and the
@@ -26,12 +33,9 @@ import re
 import resource
 import shutil
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-from transformers import TrainerCallback
 
 from scripts import distributed
 from scripts.errors import UserError
@@ -227,7 +231,12 @@ class QLoRATrainer:
         return results
 
     def train(self, config: dict, dataset, data_fingerprint: str | None = None) -> dict:
-        """One run (config already resolved by validate_training_configs): skip, resume or train from scratch."""
+        """One run (config already resolved by validate_training_configs): skip, resume or train from scratch.
+
+        A CUDA out-of-memory error in training is retried with half the per-device batch and twice the accumulation
+        (the same effective batch), from the last checkpoint if any; the batch it settles on is kept in the run
+        folder (batch.json), so a rerun starts from it. Model and trainer are released after every attempt.
+        """
         run_dir = self.run_dir(config, data_fingerprint)
         done = distributed.broadcast(self.completed(run_dir) if distributed.is_main() else None)
         if done and not self.force:
@@ -241,6 +250,64 @@ class QLoRATrainer:
                                                   "quantization": self.quantization,
                                                   "data_fingerprint": data_fingerprint, "training": config})
         distributed.barrier()  # the run folder is ready (and a forced rerun's old one gone) before anyone reads it
+        _import_trainer()
+        batch = distributed.broadcast(settled_batch(run_dir, config))
+        while True:
+            result, out_of_memory = self._attempt(run_dir, config, batch, dataset)
+            if result is not None:
+                return result
+            batch = self._smaller_batch(run_dir, config, batch, out_of_memory)
+
+    def _attempt(self, run_dir: Path, config: dict, batch: dict, dataset) -> tuple[dict | None, str | None]:
+        """(result, None) for a finished run, or (None, what ran out) after an out-of-memory error; memory freed."""
+        from scripts import gpu_memory
+
+        try:
+            return self._load_and_fit(run_dir, config, batch, dataset), None
+        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried, the rest re-raised
+            if not gpu_memory.is_out_of_memory(error):
+                raise
+            requested = gpu_memory.requested_text(error)
+            return None, gpu_memory.gpu_memory_text() + (f"; the failed allocation asked for {requested} more"
+                                                         if requested else "")
+        finally:  # the model, the trainer and (after an error) the traceback's activations are gone from here on
+            gpu_memory.release_memory()
+
+    def _smaller_batch(self, run_dir: Path, config: dict, batch: dict, out_of_memory: str) -> dict:
+        """The next batch after an out-of-memory error (saved to batch.json), or a UserError when none can be tried."""
+        size, steps = batch["per_device_train_batch_size"], batch["gradient_accumulation_steps"]
+        where = f"run {run_dir.name}: out of memory in training at per-device batch {size} x {steps} accumulated " \
+                f"({out_of_memory})"
+        smaller = halved_batch(size)
+        if smaller is None:
+            raise UserError(f"{where}. It does not fit even one example per step: {self._what_to_change(config)}")
+        new = {"per_device_train_batch_size": smaller, "gradient_accumulation_steps": steps * size // smaller,
+               "oom_retries": batch["oom_retries"] + 1}
+        if distributed.world_size() > 1:
+            raise UserError(
+                f"{where}. Under accelerate launch the batch is not retried (every process would have to change it "
+                f"together): set \"per_device_train_batch_size\": {smaller} and \"gradient_accumulation_steps\": "
+                f"{new['gradient_accumulation_steps']} in this TRAINING_CONFIGS entry (the same effective batch)")
+        log.warning("%s; retrying with %d x %d (the same effective batch of %d examples)%s", where, smaller,
+                    new["gradient_accumulation_steps"], size * steps,
+                    ", from the last checkpoint" if list((run_dir / "checkpoints").glob("checkpoint-*")) else "")
+        _write_json(run_dir / BATCH_FILE, {**new, "reason": where})
+        return new
+
+    def _what_to_change(self, config: dict) -> str:
+        """The settings that lower a training step's memory, as they stand for this run."""
+        from scripts.models import choose_quantization
+
+        fixes = [f'a lower "max_length" (now {config["max_length"]}) in this TRAINING_CONFIGS entry']
+        if not config["gradient_checkpointing"]:
+            fixes.append('"gradient_checkpointing": true')
+        if choose_quantization(self.quantization)[0] != "4bit":
+            fixes.append("QUANTIZATION 4bit (main.py, .env or --quantization)")
+        fixes.append("a smaller model (BASE_MODEL_ID) or a GPU with more memory")
+        return "; ".join(fixes)
+
+    def _load_and_fit(self, run_dir: Path, config: dict, batch: dict, dataset) -> dict:
+        """Load the model for training, tokenize the data set and fit (one attempt at one batch size)."""
         attention = {} if config["attn_implementation"] == "auto" else {"attn_implementation": config["attn_implementation"]}
         model, tokenizer = self.loader(self.base_model_id, quantization=self.quantization, token=self._token,
                                        for_training=True, **attention)
@@ -255,27 +322,31 @@ class QLoRATrainer:
         if counts["dropped_too_long"]:
             log.warning("run %s: %d examples over max_length=%d tokens dropped", run_dir.name,
                         counts["dropped_too_long"], config["max_length"])
-        return self._fit(run_dir, config, model, tokenizer, train_data, counts)
+        return self._fit(run_dir, config, batch, model, tokenizer, train_data, counts)
 
-    def _fit(self, run_dir: Path, config: dict, model, tokenizer, train_data, counts: dict) -> dict:
+    def _fit(self, run_dir: Path, config: dict, batch: dict, model, tokenizer, train_data, counts: dict) -> dict:
         """SFTTrainer.train (resuming from the last checkpoint), then adapter, tokenizer and log to disk."""
         import torch
         from transformers.trainer_utils import get_last_checkpoint
         from trl import SFTTrainer
 
+        from scripts.training_callbacks import SessionStats, StopOnNonFiniteGradients
+
         checkpoints = run_dir / "checkpoints"
         resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         if resume:
             log.info("run %s: resuming from %s", run_dir.name, resume)
-        session = _SessionStats(_seconds_up_to(resume))
+        session = SessionStats(_seconds_up_to(resume))
         trainer = SFTTrainer(
             model=model,
-            args=_sft_config(config, checkpoints),
+            args=_sft_config({**config, **{k: batch[k] for k in BATCH_KEYS}}, checkpoints),
             train_dataset=train_data,
             processing_class=tokenizer,
             peft_config=_lora_config(config),
-            callbacks=[session, _StopOnNonFiniteGradients(run_dir.name), *self.callbacks],
+            callbacks=[session, StopOnNonFiniteGradients(run_dir.name), *self.callbacks],
         )
+        if trainer.args.fp16:  # the fp16 gradient scaler needs float32 weights to update (TRL makes 4-bit's LoRA bf16)
+            _trainable_to_float32(trainer.model)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train(resume_from_checkpoint=resume)
@@ -300,6 +371,8 @@ class QLoRATrainer:
             "peak_memory_gb": round(memory_gb, 3),
             "peak_memory_kind": memory_kind,
             "resumed_from": Path(resume).name if resume else None,
+            **batch,  # the batch trained with: the config's, or what out-of-memory retries settled on
+            "mixed_precision": "fp16" if trainer.args.fp16 else "bf16" if trainer.args.bf16 else "no",
             **counts,
         }
         saved = {"completed": True, "summary": summary, "loss_curve": loss_curve, "log_history": history}
@@ -307,11 +380,64 @@ class QLoRATrainer:
             _write_json(run_dir / "training_log.json", saved)
         distributed.barrier()  # adapter and log on disk before any process goes on to read them
         log.info(
-            "run %s: loss %s -> %s, %s tokens/s, %.0f s, peak memory %.2f GB (%s)%s", run_dir.name,
+            "run %s: loss %s -> %s, %s tokens/s, %.0f s, peak memory %.2f GB (%s), batch %d x %d%s", run_dir.name,
             _fmt(summary["loss_start"]), _fmt(summary["loss_end"]), summary["tokens_per_second"], seconds, memory_gb,
-            memory_kind, f", resumed from {summary['resumed_from']}" if resume else "",
+            memory_kind, batch["per_device_train_batch_size"], batch["gradient_accumulation_steps"],
+            f", resumed from {summary['resumed_from']}" if resume else "",
         )
         return _result(run_dir, saved)
+
+
+def _import_trainer() -> None:
+    """Import the Trainer's stack (trl, peft, bitsandbytes) before any model is loaded.
+
+    A first import run while a model is a local variable can pin it: an exception a library keeps from its import
+    (bitsandbytes logs one) holds the traceback, whose frames hold the model even after training returns.
+    """
+    import transformers.trainer_utils  # noqa: F401
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
+
+    import scripts.training_callbacks  # noqa: F401
+
+
+BATCH_FILE = "batch.json"  # in a run folder: the batch that out-of-memory retries settled on; a rerun starts from it
+BATCH_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps")
+
+
+def halved_batch(size: int) -> int | None:
+    """The per-device batch to retry with after out of memory: the largest divisor of size up to half of it (None at 1).
+
+    A divisor keeps the effective batch (batch x accumulation) exactly the same: 8 -> 4, 6 -> 3, 5 -> 1.
+    """
+    return next((d for d in range(size // 2, 0, -1) if size % d == 0), None)
+
+
+def settled_batch(run_dir: Path, config: dict) -> dict:
+    """The batch to start with: the one in the run's batch.json (an earlier out-of-memory retry), else the config's."""
+    batch = {**{k: config[k] for k in BATCH_KEYS}, "oom_retries": 0}
+    path = run_dir / BATCH_FILE
+    if not path.exists():
+        return batch
+    saved = json.loads(path.read_text())
+    effective = saved["per_device_train_batch_size"] * saved["gradient_accumulation_steps"]
+    if effective != batch["per_device_train_batch_size"] * batch["gradient_accumulation_steps"]:
+        log.warning("run %s: %s is for another effective batch, ignored", run_dir.name, path)
+        return batch
+    log.info("run %s: starting from batch %d x %d, which an earlier out-of-memory retry settled on (%s)", run_dir.name,
+             saved["per_device_train_batch_size"], saved["gradient_accumulation_steps"], path)
+    return {**{k: saved[k] for k in BATCH_KEYS}, "oom_retries": saved.get("oom_retries", 0)}
+
+
+def _trainable_to_float32(model) -> int:
+    """Cast the trainable (LoRA) weights to float32, as fp16 mixed precision needs; how many were cast."""
+    import torch
+
+    cast = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+            cast += 1
+    return cast
 
 
 ELAPSED_FILE = "elapsed.json"  # in each checkpoint: training seconds up to it, so a resumed run reports its whole time
@@ -331,49 +457,6 @@ def _drop_padding_mask(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-class _SessionStats(TrainerCallback):
-    """Trainer callback: training seconds over every session of a run, recorded in each checkpoint it saves."""
-
-    def __init__(self, seconds_before: float = 0.0) -> None:
-        self.seconds_before = seconds_before
-        self.started = time.perf_counter()
-
-    def on_train_begin(self, args, state, control, **kwargs) -> None:
-        self.started = time.perf_counter()
-
-    def session_seconds(self) -> float:
-        """Seconds since this session's training began."""
-        return time.perf_counter() - self.started
-
-    def seconds(self) -> float:
-        """Seconds of training so far: earlier sessions (up to the checkpoint resumed from) plus this one."""
-        return self.seconds_before + self.session_seconds()
-
-    def on_save(self, args, state, control, **kwargs) -> None:
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            _write_json(folder / ELAPSED_FILE, {"seconds": round(self.seconds(), 3), "step": state.global_step})
-
-
-class _StopOnNonFiniteGradients(TrainerCallback):
-    """Trainer callback: stop the run before an optimizer step would write NaN or inf into the adapter."""
-
-    def __init__(self, run: str) -> None:
-        self.run = run
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
-        import torch
-
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
-            raise UserError(
-                f"run {self.run}: the gradients of step {state.global_step + 1} are not finite (NaN or inf), so "
-                "training stopped before they reached the adapter; its checkpoints are from earlier steps. A known "
-                "cause is PyTorch's memory-efficient attention backward on masked batches (pytorch/pytorch#178251), "
-                'which "drop_padding_mask": true (the default) avoids: add "attn_implementation": "eager" to this '
-                "TRAINING_CONFIGS entry (a new run), or lower its learning_rate")
-
-
 def _seconds_up_to(checkpoint: str | None) -> float:
     """Training seconds recorded in a checkpoint (0 for a fresh run or a checkpoint without the record)."""
     if not checkpoint:
@@ -386,11 +469,12 @@ def _seconds_up_to(checkpoint: str | None) -> float:
 
 
 def _sft_config(config: dict, output_dir: Path):
-    """TRL SFTConfig from a resolved TRAINING_CONFIGS entry."""
-    import torch
+    """TRL SFTConfig from a resolved TRAINING_CONFIGS entry; mixed precision as scripts.models.precision() says."""
     from trl import SFTConfig
 
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    from scripts.models import precision
+
+    chosen = precision()
     return SFTConfig(
         output_dir=str(output_dir),
         learning_rate=config["learning_rate"],
@@ -410,7 +494,8 @@ def _sft_config(config: dict, output_dir: Path):
         save_strategy="steps",
         save_steps=config["save_steps"],
         save_total_limit=2,
-        bf16=bf16,
+        bf16=chosen.bf16,
+        fp16=chosen.fp16,  # pre-Ampere GPUs: real fp16 mixed precision rather than emulated bf16
         report_to="none",
         ddp_find_unused_parameters=False,  # under accelerate launch: every LoRA weight gets a gradient each step
         include_num_input_tokens_seen="non_padding",

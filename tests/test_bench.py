@@ -24,3 +24,60 @@ def test_only_selects_matching_levers_and_always_the_reference():
     assert chosen[0] == next(iter(LEVERS))
     assert chosen[1:] == [n for n in LEVERS if "batch 8" in n or "packing" in n]
     assert list(selected_levers("")) == list(LEVERS)
+
+
+def test_seed_layouts_have_the_real_models_sizes():
+    """Built on the meta device (no memory): the parameter counts of open_llama_3b_v2 and Mistral-7B-v0.3."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.seed_models import model_config
+
+    counts = {}
+    for name in ("open_llama_3b", "mistral_7b"):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config(name))
+        counts[name] = round(sum(p.numel() for p in model.parameters()) / 1e9, 2)
+    assert counts == {"open_llama_3b": 3.43, "mistral_7b": 7.25}
+    mistral = model_config("mistral_7b")
+    assert (mistral.num_key_value_heads, mistral.rope_parameters["rope_theta"], mistral.sliding_window) == (8, 1e6, None)
+
+
+def test_seed_models_and_capped_run_smoke(tmp_path, monkeypatch):
+    """--tiny seeds load through the pipeline's loader; capped_run records a short run's stages and batch."""
+    import json
+
+    import sentencepiece
+
+    from bench import capped_run, seed_models
+    from scripts.demo_data import build_demo_data
+    from scripts.models import load_tokenizer
+    from scripts.prompts import template_style
+    from scripts.settings import ENV_KEYS
+    from tests.test_gpu_memory import argv
+
+    llama = seed_models.seed_model("open_llama_3b", tmp_path / "open_llama", tiny=True)
+    mistral = seed_models.seed_model("mistral_7b", tmp_path / "mistral", tiny=True)
+    assert (llama["tokenizer"], llama["vocab_size"]) == ("SentencePieceTokenizer", 32000)
+    assert not (tmp_path / "open_llama" / "tokenizer.json").exists()
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "open_llama" / "tokenizer.model"))
+    tokenizer = load_tokenizer(str(tmp_path / "open_llama"))
+    assert sp.get_piece_size() == 32000 and tokenizer("SELECT name FROM singer")["input_ids"] == [1] + sp.encode(
+        "SELECT name FROM singer")
+    assert mistral["vocab_size"] == 32768 and len(load_tokenizer(str(tmp_path / "mistral"))) == 32768
+    assert template_style(load_tokenizer(str(tmp_path / "mistral"))) == "folded"  # [INST]: no system role kept
+
+    spider_zip, mmlu = build_demo_data(tmp_path / "demo")
+    inputs = {"model": tmp_path / "mistral", "zip": spider_zip, "mmlu": mmlu}
+    monkeypatch.chdir(tmp_path)
+    for key in ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "capped.json"
+    status = capped_run.main(["--gpu-gb", "16", "--out", str(out), "--",
+                              *argv(tmp_path, inputs, "data,baseline_ex,preprocess,train")])
+    record = json.loads(out.read_text())
+    assert status == 0 == record["exit_status"] and not record["errors"]
+    ran = {s["stage"]: s for s in record["stages"]}
+    assert {"data", "baseline_ex", "preprocess", "train"} <= set(ran) and ran["train"]["seconds"] > 0
+    (run,) = record["training_runs"].values()
+    assert (run["per_device_train_batch_size"], run["gradient_accumulation_steps"], run["oom_retries"]) == (2, 1, 0)

@@ -6,7 +6,7 @@ The whole pipeline (tiny in-process model, bundled demo data, 2 training steps) 
 process (accelerate 1.15, `simple_launcher`); `--multi_gpu` uses torchrun, which starts both.
 
 What is compared, and why:
-- Baseline stages (`baseline_ex`, `baseline_mmlu`): exactly equal, per example — raw model output, extracted SQL,
+- Baseline stages (`baseline_ex@spider_dev`, `baseline_mmlu`): exactly equal, per example — raw model output, extracted SQL,
   correctness, MMLU prediction and log-likelihoods — and so EX, its breakdowns and MMLU accuracy. The model is the
   same in both runs and `--eval-batch-size 1` makes every forward pass the same shape however the examples are split
   between processes (batched left padding could change float rounding, and a random tiny model's near-uniform
@@ -138,18 +138,19 @@ def test_two_processes_match_one_and_store_no_duplicates(inputs, tmp_path):
 
     a, b = store_rows(tmp_path / "one/results/results.sqlite"), store_rows(tmp_path / "two/results/results.sqlite")
     (run_name,) = two["runs"]  # the same name in both runs: a hash of the model, config and train data
-    assert b["kinds"] == a["kinds"] == ["baseline_ex", "baseline_mmlu", f"ex_{run_name}", "mmlu_best"]
+    assert b["kinds"] == a["kinds"] == ["baseline_ex@spider_dev", "baseline_mmlu", f"ex_{run_name}@spider_dev",
+                                        "mmlu_best"]
     for store in (a, b):
         assert store["duplicate_runs"] == store["duplicate_sql"] == store["duplicate_mmlu"] == 0
         assert store["duplicate_candidates"] == 0
     # baseline: exactly the same answer for every example and question
-    assert b["sql"]["baseline_ex"] == a["sql"]["baseline_ex"]
-    assert len(a["sql"]["baseline_ex"]) == one["baseline"]["ex"]["count"] == 24
+    assert b["sql"]["baseline_ex@spider_dev"] == a["sql"]["baseline_ex@spider_dev"]
+    assert len(a["sql"]["baseline_ex@spider_dev"]) == one["baseline"]["ex"]["count"] == 24
     assert b["mmlu"]["baseline_mmlu"] == a["mmlu"]["baseline_mmlu"]
     # voting: the same candidates, fingerprints and votes
-    assert b["candidates"]["baseline_ex"] == a["candidates"]["baseline_ex"]
-    assert len(a["candidates"]["baseline_ex"]) == 24 * CANDIDATES
-    assert b["votes"]["baseline_ex"] == a["votes"]["baseline_ex"] and len(a["votes"]["baseline_ex"]) == 24
+    base = "baseline_ex@spider_dev"
+    assert b["candidates"][base] == a["candidates"][base] and len(a["candidates"][base]) == 24 * CANDIDATES
+    assert b["votes"][base] == a["votes"][base] and len(a["votes"][base]) == 24
     voted_one, voted_two = one["baseline"]["ex"]["voted"], two["baseline"]["ex"]["voted"]
     assert {**voted_two, "seconds": None} == {**voted_one, "seconds": None}
     assert len(a["mmlu"]["baseline_mmlu"]) == one["baseline"]["mmlu"]["count"] == 18
@@ -160,8 +161,9 @@ def test_two_processes_match_one_and_store_no_duplicates(inputs, tmp_path):
     epoch = {name: json.loads((tmp_path / name / run["adapter_dir"]).parent.joinpath("training_log.json").read_text())
              ["log_history"][-1]["epoch"] for name, run in (("one", run_one), ("two", run_two))}
     assert epoch["two"] == pytest.approx(2 * epoch["one"]), f"not data parallel: epochs after {MAX_STEPS} steps {epoch}"
-    assert run_two["ex"]["count"] == 24 and len(b["sql"][f"ex_{run_name}"]) == 24
-    assert len(b["candidates"][f"ex_{run_name}"]) == 24 * CANDIDATES and len(b["votes"][f"ex_{run_name}"]) == 24
+    assert run_two["ex"]["count"] == 24 and len(b["sql"][f"ex_{run_name}@spider_dev"]) == 24
+    assert (len(b["candidates"][f"ex_{run_name}@spider_dev"]) == 24 * CANDIDATES
+            and len(b["votes"][f"ex_{run_name}@spider_dev"]) == 24)
     assert two["best_mmlu"]["count"] == 18 and len(b["mmlu"]["mmlu_best"]) == 18
     assert two["regression"] is not None
     assert (tmp_path / "two/results/report.md").is_file()

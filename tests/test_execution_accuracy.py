@@ -179,6 +179,36 @@ def test_gold_error_and_db_missing_are_excluded(db_dir):
     assert not (db_dir / "ghost").exists()
 
 
+def test_a_database_may_also_be_one_file_named_after_its_db_id(tmp_path):
+    """<db_dir>/<db_id>.sqlite is found as <db_dir>/<db_id>/<db_id>.sqlite is (the folder form wins when both exist)."""
+    flat_dir = tmp_path / "flat"
+    flat_dir.mkdir()
+    (make_shop(tmp_path / "src") / f"{DB_ID}.sqlite").rename(flat_dir / f"{DB_ID}.sqlite")
+    summary = execution_accuracy(["SELECT name FROM items", "SELECT 1"], ["SELECT name FROM items", "SELECT 1"],
+                                 [DB_ID, "ghost"], flat_dir)
+    assert [e["error"] for e in summary["per_example"]] == ["ok", "db_missing"]
+    assert "ghost.sqlite" in summary["per_example"][1]["message"]  # both places it looked are named
+
+    folder = make_shop(flat_dir)  # now also shop/shop.sqlite, with other contents: that one is used
+    conn = sqlite3.connect(folder / f"{DB_ID}.sqlite")
+    conn.execute("DELETE FROM items WHERE id > 1")
+    conn.commit()
+    conn.close()
+    assert score(flat_dir, "SELECT count(*) FROM items", "SELECT 1")["correct"] is True
+
+
+def test_check_golds_runs_each_gold_as_scoring_does_and_changes_nothing(db_dir):
+    from custom_metrics.execution_accuracy import check_golds
+
+    before = {p.name: p.read_bytes() for p in (db_dir / DB_ID).iterdir()}
+    golds = ["SELECT DISTINCT name FROM items WHERE price > = 2",  # repaired operator and DISTINCT, as when scoring
+             "SELECT nope FROM items", "DELETE FROM items", "SELECT 1"]
+    outcomes = check_golds(golds, [DB_ID, DB_ID, DB_ID, "ghost"], db_dir, timeout=5.0)
+    assert [o["error"] for o in outcomes] == ["ok", "gold_error", "gold_error", "db_missing"]
+    assert "no such column: nope" in outcomes[1]["message"] and "not_read_only" in outcomes[2]["message"]
+    assert {p.name: p.read_bytes() for p in (db_dir / DB_ID).iterdir()} == before
+
+
 def test_summary_by_hardness(db_dir):
     golds = ["SELECT name FROM items", "SELECT name FROM items WHERE qty = 1 OR price > 2",
              "SELECT CASE WHEN id > 1 THEN 'x' ELSE 'y' END FROM items"]

@@ -117,6 +117,9 @@ def test_user_errors_name_the_file_and_line(tmp_path, mmlu_dir):
     bad.write_text("q1,a,b,c,d,A\nq2,a,b,c,d,E\n", encoding="utf-8")
     with pytest.raises(UserError, match=f"{bad}:2: answer 'E' is not one of A, B, C, D"):
         load_mmlu(mmlu_dir)
+    bad.write_bytes("q1,caf\u00e9,b,c,d,A\n".encode("latin-1"))  # not UTF-8
+    with pytest.raises(UserError, match=f"{bad} is not UTF-8 text .* at byte 6\\); save it as UTF-8"):
+        load_mmlu(mmlu_dir)
     (mmlu_dir / "dev").rename(tmp_path / "elsewhere")
     with pytest.raises(UserError, match="dev is missing"):
         load_mmlu(mmlu_dir, "dev")
@@ -396,7 +399,7 @@ class _Models:
 
 
 def test_mmlu_stage_stores_answers_and_resumes_from_the_store(letter_setup, mmlu_dir, tmp_path):
-    settings = SimpleNamespace(base_model_id="tiny", path_mmlu=mmlu_dir, mmlu_per_subject=4, seed=0, mmlu_k_shot=2,
+    settings = SimpleNamespace(base_model_id="tiny", quantization="none", eval_precision="4bit", path_mmlu=mmlu_dir, mmlu_per_subject=4, seed=0, mmlu_k_shot=2,
                                eval_batch_size=4, stages=("baseline_mmlu",), db_path=tmp_path / "r.sqlite")
     cache = StageCache(tmp_path / "stages")
     models = _Models(letter_setup)

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,6 @@ from scripts import models
 from scripts.errors import UserError
 from scripts.models import (
     choose_quantization,
-    compute_dtype,
     default_use_fast,
     describe_device,
     ensure_pad_token,
@@ -24,8 +25,9 @@ from scripts.models import (
     load_model_and_tokenizer,
     load_tokenizer,
     peak_memory_gb,
+    precision,
 )
-from tests.tiny_models import build_tiny_model, build_tokenizer, save_tiny_model
+from tests.tiny_models import build_tiny_model, build_tokenizer, save_tiny_model, save_tiny_sentencepiece_model
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
 SAMPLE = "SELECT count(*) FROM singer WHERE age > 20"
@@ -53,25 +55,135 @@ def test_bad_quantization_is_a_user_error():
         choose_quantization("8bit", cuda_available=False)
 
 
-def test_compute_dtype_per_device():
-    assert compute_dtype(cuda_available=False) is torch.float32
-    assert compute_dtype(cuda_available=True, bf16_supported=True) is torch.bfloat16
-    assert compute_dtype(cuda_available=True, bf16_supported=False) is torch.float16
+def fake_gpu(monkeypatch, major: int, minor: int, name: str) -> None:
+    """CUDA "available" with one GPU of this compute capability, as torch.cuda's own functions see it."""
+    props = SimpleNamespace(major=major, minor=minor, name=name, total_memory=16 * 1024 ** 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)  # emulation works
+    monkeypatch.setattr(torch.version, "hip", None)
 
 
-def test_slow_tokenizer_only_for_open_llama():
+def test_precision_is_fp16_mixed_precision_on_a_t4_and_bf16_from_ampere_on(monkeypatch):
+    cpu = precision(cuda_available=False)
+    assert (cpu.dtype, cpu.bf16, cpu.fp16) == (torch.float32, False, False)
+    with monkeypatch.context() as m:
+        fake_gpu(m, 7, 5, "Tesla T4")
+        assert torch.cuda.is_bf16_supported()  # the trap: torch's default counts (slow) emulation as support
+        t4 = precision()
+        assert (t4.dtype, t4.bf16, t4.fp16) == (torch.float16, False, True)
+        assert "Tesla T4 (compute capability 7.5) has no native bf16" in t4.reason
+        assert describe_device("none")["compute_dtype"] == "float16" and not describe_device()["bf16_supported"]
+    with monkeypatch.context() as m:
+        fake_gpu(m, 8, 0, "NVIDIA A100")
+        a100 = precision()
+        assert (a100.dtype, a100.bf16, a100.fp16) == (torch.bfloat16, True, False)
+
+
+def test_pre_ampere_gpu_trains_in_fp16_mixed_precision(monkeypatch, tmp_path):
+    from scripts.training import _sft_config, validate_training_configs
+
+    with monkeypatch.context() as m:
+        fake_gpu(m, 7, 5, "Tesla T4")
+        t4 = precision()
+    monkeypatch.setattr(models, "precision", lambda *args, **kwargs: t4)
+    args = _sft_config(validate_training_configs([{}])[0], tmp_path)
+    assert args.fp16 is True and args.bf16 is False
+
+
+def test_slow_tokenizer_for_open_llama_and_sentencepiece_only_folders(tmp_path):
     assert default_use_fast("openlm-research/open_llama_3b_v2") is False
     assert default_use_fast("openlm-research/open_llama_7b") is False
     assert default_use_fast("HuggingFaceTB/SmolLM2-135M-Instruct") is True
     assert default_use_fast("someone/open_llama_3b_v2") is True
     assert default_use_fast("/models/openlm-research/open_llama_3b_v2") is True
+    (folder := tmp_path / "sp").mkdir()
+    (folder / "tokenizer.model").write_bytes(b"x")
+    assert default_use_fast(str(folder), folder) is False  # sentencepiece only: read it with sentencepiece
+    (folder / "tokenizer.json").write_text("{}")
+    assert default_use_fast(str(folder), folder) is True  # a fast tokenizer is there: load it as it is
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is not None, reason="sentencepiece is installed")
-def test_slow_tokenizer_without_sentencepiece_says_how_to_fix(tmp_path):
-    folder = save_tiny_model(tmp_path / "m", "base")
+def test_sentencepiece_tokenizer_without_sentencepiece_says_how_to_fix(tmp_path, monkeypatch):
+    folder, _ = save_tiny_sentencepiece_model(tmp_path / "m")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sentencepiece" else real_find_spec(name, *args))
     with pytest.raises(UserError, match="pip install sentencepiece"):
+        load_tokenizer(str(folder))
+
+
+def test_forcing_sentencepiece_on_a_folder_without_tokenizer_model_is_a_user_error(tmp_path):
+    folder = save_tiny_model(tmp_path / "m", "base")
+    with pytest.raises(UserError, match="has no tokenizer.model"):
         load_tokenizer(str(folder), use_fast=False)
+
+
+SP_TEXTS = [
+    SAMPLE,
+    "SELECT T1.name FROM stadium AS T1 JOIN concert AS T2 ON T1.stadium_id = T2.stadium_id",
+    "How many singers are from France?\n\n### SQL\n",
+    "  leading spaces, tabs\tand 123456 digits",
+    "héllo Zoë ☃ 日本語 😀",  # characters the tiny model never saw: byte fallback
+    "",
+]
+
+
+def test_sentencepiece_folder_loads_with_sentencepieces_own_ids(tmp_path):
+    """OpenLLaMA's form (tokenizer.model, no tokenizer.json) loads, and its ids are sentencepiece's own plus bos."""
+    import sentencepiece
+
+    folder, model_bytes = save_tiny_sentencepiece_model(tmp_path / "m")
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
+    model, tokenizer = load_model_and_tokenizer(str(folder), quantization="none")
+    assert type(tokenizer).__name__ == "SentencePieceTokenizer" and not tokenizer.is_fast
+    assert len(tokenizer) == sp.get_piece_size() == model.config.vocab_size  # no token added
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (sp.bos_id(), sp.eos_id())
+    for text in SP_TEXTS:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == [sp.bos_id()] + sp.encode(text), text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == sp.decode(sp.encode(text))
+    # the plain prompt format writes bos and eos as text (tokenized without added special tokens)
+    body, answer = "### SQL\n", "SELECT 1"
+    prompt_ids = tokenizer(tokenizer.bos_token + body, add_special_tokens=False)["input_ids"]
+    assert prompt_ids == [sp.bos_id()] + sp.encode(body)
+    answer_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    assert answer_ids == sp.encode(answer) + [sp.eos_id()]
+    # a pad token without a new token (unk, as for OpenLLaMA), left padding for generation
+    assert tokenizer.pad_token == "<unk>" and tokenizer.pad_token_id == sp.unk_id()
+    batch = tokenizer([SAMPLE, "SELECT 1"], padding=True, return_tensors="pt")
+    assert set(batch) == {"input_ids", "attention_mask"} and batch["attention_mask"][1, 0] == 0
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
+    # saved next to an adapter, it reloads through the same loader with the same ids
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "tokenizer.json").exists()
+    again = load_tokenizer(str(tmp_path / "adapter"))
+    assert type(again) is type(tokenizer) and again.pad_token == "<unk>"
+    assert [again(t)["input_ids"] for t in SP_TEXTS] == [tokenizer(t)["input_ids"] for t in SP_TEXTS]
+
+
+def test_sentencepiece_tokenizer_through_the_training_label_mask(tmp_path):
+    """The train stage's tokenization keeps sentencepiece's ids: the prompt as at inference, the answer, one eos."""
+    import sentencepiece
+    from datasets import Dataset
+
+    from scripts.prompts import render, template_style
+    from scripts.training import tokenize_for_training
+
+    folder, model_bytes = save_tiny_sentencepiece_model(tmp_path / "m")
+    sp = sentencepiece.SentencePieceProcessor(model_proto=model_bytes)
+    tokenizer = load_tokenizer(str(folder))
+    assert template_style(tokenizer) == "plain"
+    prompt, completion = render(tokenizer, "CREATE TABLE singer (age INTEGER);", "How old?", "SELECT age FROM singer")
+    data, _ = tokenize_for_training(Dataset.from_dict({"prompt": [prompt], "completion": [completion]}),
+                                    tokenizer, max_length=512)
+    ids, labels = data[0]["input_ids"], data[0]["labels"]
+    assert ids[0] == sp.bos_id() and ids[-1] == sp.eos_id() and ids.count(sp.eos_id()) == 1
+    trained = [i for i, label in zip(ids, labels) if label != -100]
+    assert tokenizer.decode(trained, skip_special_tokens=True) == "SELECT age FROM singer"
+    assert ids[: len(ids) - len(trained)] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 def test_describe_device_and_peak_memory():
@@ -177,6 +289,22 @@ def test_adapter_is_loaded_in_eval_mode(tmp_path):
     assert not torch.allclose(_logits(model, tokenizer), _logits(base, tokenizer), atol=1e-3)
 
 
+def test_merged_evaluation_gives_the_adapters_logits_without_peft(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    folder = save_tiny_model(tmp_path / "m", "chatml")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(build_tiny_model(build_tokenizer("chatml")), lora).save_pretrained(tmp_path / "adapter")
+
+    as_trained, tokenizer = models.load_for_evaluation(str(folder), tmp_path / "adapter", "none", "4bit")
+    merged, _ = models.load_for_evaluation(str(folder), tmp_path / "adapter", "none", "merged")
+    assert isinstance(as_trained, PeftModel) and not isinstance(merged, PeftModel) and not merged.training
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert torch.allclose(_logits(merged, tokenizer), _logits(as_trained, tokenizer), atol=1e-5)
+    with pytest.raises(UserError, match="EVAL_PRECISION"):
+        models.load_for_evaluation(str(folder), None, "none", "bf16")
+
+
 def test_missing_adapter_is_a_user_error(tmp_path):
     folder = save_tiny_model(tmp_path / "m", "chatml")
     with pytest.raises(UserError, match="adapter_config.json"):
@@ -196,6 +324,55 @@ def test_hub_id_offline_is_a_user_error_naming_offline_mode(monkeypatch):
     with pytest.raises(UserError, match="HF_HUB_OFFLINE=1") as caught:
         load_model_and_tokenizer("nobody-xyz/not-a-real-model-123", quantization="none", token=FAKE_TOKEN)
     assert FAKE_TOKEN not in str(caught.value)
+
+
+def _closed_port() -> int:
+    """A local TCP port that nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_unreachable_hub_fails_fast_through_main_and_suggests_offline_mode(tmp_path, cached):
+    """main.py with the Hub at a closed local port: one attempt, exit 2 within seconds (not ~50 s of retries)."""
+    import subprocess
+    import sys
+    import time
+
+    hf_home = tmp_path / "hf"
+    if cached:  # the local cache holds the model: the advice is to use it offline
+        repo = hf_home / "hub" / "models--nobody--no-such-model"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+        (repo / "snapshots" / ("0" * 40) / "config.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(hf_home), OMP_NUM_THREADS="1")
+    (tmp_path / "empty.env").write_text("")
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent.parent / "main.py"), "--model", "nobody/no-such-model",
+         "--stages", "baseline_ex", "--results-dir", "out", "--env-file", "empty.env"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert "cannot be reached" in output and "HF_HUB_OFFLINE=1" in output
+    assert ("is in the local cache: set HF_HUB_OFFLINE=1" in output) == cached
+    assert "Retrying" not in output and "Traceback" not in output
+    assert seconds < 20, f"{seconds:.1f} s to give up on an unreachable Hub"
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_and_not_cached_fails_before_anything_is_loaded(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set"):
+        models.check_model_source("nobody-xyz/not-a-real-model-123", token=FAKE_TOKEN)
+    with pytest.raises(UserError, match="no such"):
+        models.check_model_source("./not-here/model")
 
 
 def test_gated_and_missing_hub_messages():

@@ -31,7 +31,7 @@ TRAINING_CONFIGS = [
      "max_length": 1024, "gradient_checkpointing": False, "logging_steps": 1},
 ]
 PLOTS = ("ex_per_config.png", "loss_curves.png", "mmlu_delta_per_subject.png")
-STAGE_FILES = ("baseline_ex", "baseline_mmlu", "preprocess", "mmlu_best", "regression")
+STAGE_FILES = ("baseline_ex@spider_dev", "baseline_mmlu", "preprocess", "mmlu_best", "regression")
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +43,14 @@ def inputs(tmp_path_factory):
 
 
 def argv(root, inputs, *extra: str) -> list[str]:
-    """A full pipeline command with every output under root."""
+    """A full pipeline command with every output under root (and an empty .env file)."""
+    (root / "empty.env").write_text("")
     return [
         "--model", str(inputs["model"]), "--spider-zip", str(inputs["zip"]), "--mmlu", str(inputs["mmlu"]),
         "--results-dir", str(root / "results"), "--db-path", str(root / "store" / "results.sqlite"),
         "--sample-size-eval", str(N_EVAL), "--sample-size-train", "12", "--mmlu-per-subject", "3",
         "--eval-batch-size", str(BATCH), "--max-new-tokens", "24", "--quantization", "none",
-        "--training-configs", json.dumps(TRAINING_CONFIGS), "--env-file", str(root / "no.env"), *extra,
+        "--training-configs", json.dumps(TRAINING_CONFIGS), "--env-file", str(root / "empty.env"), *extra,
     ]
 
 
@@ -235,20 +236,22 @@ def test_full_run_writes_report_results_store_adapters_and_plots(full_run):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the store: one row per (run, example) and per (run, question), answers scored, summaries agree with it
-    evaluated = [json.loads(line) for line in (out / "eval_dataset.jsonl").read_text().splitlines()]
+    evaluated = [json.loads(line) for line in (out / "eval_sets" / "spider_dev.jsonl").read_text().splitlines()]
     eval_keys = [f"{e['db_id']}::{e['question']}" for e in evaluated]
     assert len(eval_keys) == N_EVAL == len(set(eval_keys))
     runs = {run["kind"]: run for run in store["runs"]}
-    assert sorted(runs) == sorted(["baseline_ex", "baseline_mmlu", "mmlu_best", *(f"ex_{n}" for n in results["runs"])])
+    assert sorted(runs) == sorted(["baseline_ex@spider_dev", "baseline_mmlu", "mmlu_best",
+                                   *(f"ex_{n}@spider_dev" for n in results["runs"])])
     assert len(store["runs"]) == 5
-    ex_of = {"baseline_ex": base_ex, **{f"ex_{name}": run["ex"] for name, run in results["runs"].items()}}
+    ex_of = {"baseline_ex@spider_dev": base_ex,
+             **{f"ex_{name}@spider_dev": run["ex"] for name, run in results["runs"].items()}}
     for kind, summary in ex_of.items():
         rows = [r for r in store["sql"] if r["run_id"] == runs[kind]["id"]]
         assert sorted(r["example_key"] for r in rows) == sorted(eval_keys)  # each example once, no duplicates
         assert all(r["raw_output"] is not None and r["correct"] in (0, 1) and r["error"] for r in rows)
         assert summary["run_id"] == runs[kind]["id"]
         assert sum(r["correct"] for r in rows) / N_EVAL == summary["ex"]
-    assert runs[f"ex_{next(iter(results['runs']))}"]["adapter"].endswith("adapter")
+    assert runs[f"ex_{next(iter(results['runs']))}@spider_dev"]["adapter"].endswith("adapter")
     for kind, summary in (("baseline_mmlu", base_mmlu), ("mmlu_best", results["best_mmlu"])):
         rows = [r for r in store["mmlu"] if r["run_id"] == runs[kind]["id"]]
         assert len(rows) == N_MMLU == len({(r["subject"], r["question_index"]) for r in rows})
@@ -257,9 +260,9 @@ def test_full_run_writes_report_results_store_adapters_and_plots(full_run):
     assert len(store["sql"]) == 3 * N_EVAL and len(store["mmlu"]) == 2 * N_MMLU
 
     # the saved stage results a rerun reuses, and the data sets
-    for name in STAGE_FILES + tuple(f"ex_{n}" for n in results["runs"]):
+    for name in STAGE_FILES + tuple(f"ex_{n}@spider_dev" for n in results["runs"]):
         assert (out / "stages" / f"{name}.json").is_file()
-    assert len((out / "ft_dataset.jsonl").read_text().splitlines()) >= 2
+    assert len((out / "train_chat.jsonl").read_text().splitlines()) >= 2
     assert (root / "data" / "spider_data" / "spider_data" / "dev.json").is_file()  # stage 1 unpacked the zip here
 
 
@@ -326,7 +329,7 @@ def test_interrupted_run_resumes_where_it_stopped(full_run, inputs, tmp_path, mo
     assert status == 130 and "rerun the same command to resume" in caplog.text
     assert probe.generated_by_adapter == stored_before_stop and probe.generated == N_EVAL + stored_before_stop
     assert probe.mmlu_scored == N_MMLU and probe.training_loads == 2
-    for name in ("baseline_ex", "baseline_mmlu", "preprocess"):
+    for name in ("baseline_ex@spider_dev", "baseline_mmlu", "preprocess"):
         assert (out / "stages" / f"{name}.json").is_file()
     assert not list((out / "stages").glob("ex_*.json")) and not (out / "report.md").exists()
     stored = store_dump(tmp_path)
@@ -353,10 +356,10 @@ def test_answers_other_processes_spooled_before_an_interruption_are_recovered(fu
 
     with ResultsStore(full_run["root"] / "store" / "results.sqlite") as store:
         runs = {r["kind"]: r["id"] for r in store.runs()}
-        sql, mmlu = store.sql_rows(runs["baseline_ex"]), store.mmlu_rows(runs["baseline_mmlu"])
+        sql, mmlu = store.sql_rows(runs["baseline_ex@spider_dev"]), store.mmlu_rows(runs["baseline_mmlu"])
     db = tmp_path / "store" / "results.sqlite"
     # a fresh store numbers the runs in stage order, as the full run did
-    sql_spool, mmlu_spool = Spool(db, "sql", runs["baseline_ex"]), Spool(db, "mmlu", runs["baseline_mmlu"])
+    sql_spool, mmlu_spool = Spool(db, "sql", runs["baseline_ex@spider_dev"]), Spool(db, "mmlu", runs["baseline_mmlu"])
     sql_spool.append(1, sql[:6])
     mmlu_spool.append(1, mmlu[:5])
     with open(sql_spool.files()[0], "a") as f:
@@ -367,27 +370,27 @@ def test_answers_other_processes_spooled_before_an_interruption_are_recovered(fu
     assert probe.generated == N_EVAL - 6 and probe.mmlu_scored == N_MMLU - 5
     assert "1 incomplete line(s) left out" in caplog.text
     assert not sql_spool.files() and not mmlu_spool.files()
-    for stage in ("baseline_ex", "baseline_mmlu"):  # the uninterrupted run's results
+    for stage in ("baseline_ex@spider_dev", "baseline_mmlu"):  # the uninterrupted run's results
         ours, theirs = (json.loads((root / "results" / "stages" / f"{stage}.json").read_text())["result"]
                         for root in (tmp_path, full_run["root"]))
         assert {k: v for k, v in ours.items() if k != "seconds"} == {k: v for k, v in theirs.items() if k != "seconds"}
 
 
-@pytest.mark.parametrize("extra, fix, before_any_model", [
-    (("--spider-zip", "nowhere/spider_data.zip"), "set PATH_SPIDER_ZIP (or --spider-zip)", True),
-    (("--training-configs", '[{"lr": 0.1}]'), "unknown key(s) ['lr']; allowed keys: learning_rate", True),
-    (("--stages", "train,evaluate"), "unknown stage(s) ['evaluate'] in --stages; choose from data", True),
-    # found when the baseline MMLU stage loads its questions, i.e. after the baseline EX stage
-    (("--mmlu", "nowhere/mmlu"), "point PATH_MMLU (or --mmlu) at the MMLU data folder", False),
+@pytest.mark.parametrize("extra, fix", [
+    (("--spider-zip", "nowhere/spider_data.zip"), "set PATH_SPIDER_ZIP (or --spider-zip)"),
+    (("--training-configs", '[{"lr": 0.1}]'), "unknown key(s) ['lr']; allowed keys: learning_rate"),
+    (("--stages", "train,evaluate"), "unknown stage(s) ['evaluate'] in --stages; choose from data"),
+    (("--mmlu", "nowhere/mmlu"), "point PATH_MMLU (or --mmlu) at the MMLU data folder"),
+    (("--model", "nowhere/model.gguf"), "no such .gguf file"),
 ])
-def test_user_error_exits_with_status_2_and_names_the_fix(inputs, tmp_path, monkeypatch, caplog, capsys, extra, fix,
-                                                         before_any_model):
+def test_user_error_exits_with_status_2_names_the_fix_and_writes_nothing(inputs, tmp_path, monkeypatch, caplog, capsys,
+                                                                        extra, fix):
     caplog.set_level(logging.ERROR, logger="main")
     status, probe = run_main(tmp_path, inputs, monkeypatch, *extra)
     assert status == 2
     errors = [r for r in caplog.records if r.name == "main" and r.levelno == logging.ERROR]
     assert len(errors) == 1 and fix in errors[0].getMessage() and errors[0].exc_info is None
     assert "Traceback" not in capsys.readouterr().err
-    assert probe.training_loads == 0 and probe.mmlu_scored == 0
-    if before_any_model:
-        assert probe.loads == [] and probe.generated == 0
+    assert probe.loads == [] and probe.generated == 0 and probe.mmlu_scored == 0
+    # every input is checked before anything is written: no results folder, no store, nothing unpacked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.env"]

@@ -110,7 +110,7 @@ def test_jsonl_round_trip_and_bad_file(spider, tmp_path):
     path.write_text('{"prompt": "p"}\n')
     with pytest.raises(UserError, match="rerun 'preprocess'"):
         load_jsonl(path)
-    with pytest.raises(UserError, match="PATH_FT_DATASET"):
+    with pytest.raises(UserError, match="missing.jsonl is missing; run the .preprocess. stage first"):
         load_jsonl(tmp_path / "missing.jsonl")
 
 

@@ -47,7 +47,159 @@ def test_all_means_every_example(tmp_path: Path) -> None:
 
 def test_results_dir_moves_the_derived_paths(tmp_path: Path) -> None:
     s = settings(tmp_path, "--results-dir", "out")
-    assert s.db_path == Path("out/results.sqlite") and s.path_ft_dataset == Path("out/ft_dataset.jsonl")
+    assert s.db_path == Path("out/results.sqlite") and s.train_chat_file == Path("out/train_chat.jsonl")
+    assert s.evaluated_dir == Path("out/eval_sets")
+    assert s.path_ft_dataset is None and s.path_task_eval_dataset == () and s.path_databases is None  # Spider's
+
+
+def test_data_inputs_from_flags_and_env(tmp_path: Path) -> None:
+    s = settings(tmp_path, "--ft-dataset", "my_train.jsonl", "--eval-dataset", "a.json, b.jsonl", "--databases", "dbs")
+    assert s.path_ft_dataset == Path("my_train.jsonl") and s.path_databases == Path("dbs")
+    assert s.path_task_eval_dataset == (Path("a.json"), Path("b.jsonl"))
+    assert s.public()["path_task_eval_dataset"] == ["a.json", "b.jsonl"]
+    s = settings(tmp_path, env_file="PATH_FT_DATASET=t.json\nPATH_TASK_EVAL_DATASET=e1.json,e2.json\nPATH_DATABASES=d\n")
+    assert (s.path_ft_dataset, s.path_task_eval_dataset, s.path_databases) == (
+        Path("t.json"), (Path("e1.json"), Path("e2.json")), Path("d"))
+
+
+def test_every_constant_of_main_py_is_a_env_key(tmp_path: Path) -> None:
+    """.env sets each of main.py's constants by its own name (lists as JSON), in its own type."""
+    import main
+    from scripts.settings import CONSTANTS, ENV_KEYS
+
+    assert set(main.config_defaults()) == set(CONSTANTS)
+    assert all(ENV_KEYS[name.upper()] == name for name in CONSTANTS)
+    env = """
+BASE_MODEL_ID=env/model
+SAMPLE_SIZE_EVAL=all
+SAMPLE_SIZE_TRAIN=7
+TRAINING_CONFIGS=[{"learning_rate": 0.001, "max_steps": 3}]
+MMLU_PER_SUBJECT=none
+MMLU_K_SHOT=2
+EVAL_BATCH_SIZE=4
+MAX_NEW_TOKENS=12
+SQL_TIMEOUT_S=2.5
+SCHEMA_SAMPLE_ROWS=1
+QUANTIZATION=none
+SEED=9
+"""
+    s = resolve_settings(main.config_defaults(), parse_args(["--env-file", str(_write(tmp_path, env))]), environ={})
+    assert (s.base_model_id, s.sample_size_eval, s.sample_size_train, s.mmlu_per_subject) == ("env/model", None, 7, None)
+    assert s.training_configs == [{"learning_rate": 0.001, "max_steps": 3}]
+    assert (s.mmlu_k_shot, s.eval_batch_size, s.max_new_tokens, s.schema_sample_rows, s.seed) == (2, 4, 12, 1, 9)
+    assert s.sql_timeout_s == 2.5 and s.quantization == "none"
+    s = settings(tmp_path, "--sample-size-train", "3", env_file="SAMPLE_SIZE_TRAIN=7\n")  # the flag still wins
+    assert s.sample_size_train == 3
+
+
+def _write(tmp_path: Path, text: str, name: str = "custom.env") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("line, message", [
+    ("SAMPLE_SIZE_EVAL=lots", "SAMPLE_SIZE_EVAL in"),
+    ("SAMPLE_SIZE_TRAIN=0", "not a positive integer"),
+    ("SEED=1.5", "not an integer"),
+    ("SQL_TIMEOUT_S=soon", "not a number"),
+    ("SQL_TIMEOUT_S=nan", "finite number"),
+    ("TRAINING_CONFIGS=[{", "TRAINING_CONFIGS in"),
+])
+def test_bad_env_values_name_the_key_and_the_file(tmp_path: Path, line: str, message: str) -> None:
+    with pytest.raises(UserError, match=message) as error:
+        settings(tmp_path, env_file=line + "\n")
+    assert line.split("=")[0] in str(error.value)
+
+
+def test_unknown_env_key_is_warned_about_with_the_closest_known_one(tmp_path: Path, caplog) -> None:
+    s = settings(tmp_path, env_file="SAMPLE_SIZE_EVALL=5\nMIN_EX=0.1\nbase_model=x\n")
+    assert s.sample_size_eval == 200  # ignored, not applied
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2  # MIN_EX is a key of the post-run check: known
+    assert "unknown key SAMPLE_SIZE_EVALL" in warnings[0] and "did you mean SAMPLE_SIZE_EVAL?" in warnings[0]
+    assert str(tmp_path / ".env") in warnings[0]
+    assert "did you mean BASE_MODEL_ID?" in warnings[1]
+    caplog.clear()
+    settings(tmp_path, env_file="HF_HUB_OFFLINE=1\n")  # a library's variable: it belongs in the environment
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "HF_HUB_OFFLINE is ignored here" in warning and "export HF_HUB_OFFLINE=..." in warning
+
+
+def test_env_file_given_but_missing_is_an_error_a_missing_default_is_not(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(UserError, match="--env-file .*nowhere.env not found"):
+        resolve_settings(DEFAULTS, parse_args(["--env-file", str(tmp_path / "nowhere.env")]), environ={})
+    monkeypatch.chdir(tmp_path)  # no .env here: main.py's constants alone
+    assert resolve_settings(DEFAULTS, parse_args([]), environ={}).base_model_id == "org/model"
+
+
+def test_training_configs_from_a_file(tmp_path: Path) -> None:
+    good = _write(tmp_path, '[{"learning_rate": 0.01}]', "configs.json")
+    assert settings(tmp_path, "--training-configs", str(good)).training_configs == [{"learning_rate": 0.01}]
+    with pytest.raises(UserError, match=r"file .*missing.json not found"):
+        settings(tmp_path, "--training-configs", str(tmp_path / "missing.json"))
+    bad = _write(tmp_path, '[{"learning_rate": 0.01}', "bad.json")
+    with pytest.raises(UserError, match=r"file .*bad.json is not valid JSON .* line 1"):
+        settings(tmp_path, "--training-configs", str(bad))
+    with pytest.raises(UserError, match=r"TRAINING_CONFIGS in .*: file .*bad.json is not valid JSON"):
+        settings(tmp_path, env_file=f"TRAINING_CONFIGS={bad}\n")
+
+
+def test_output_paths_are_checked_before_anything_is_written(tmp_path: Path) -> None:
+    a_file = _write(tmp_path, "x", "a_file")
+    with pytest.raises(UserError, match="RESULTS_DIR .* is a file, not a folder"):
+        settings(tmp_path, "--results-dir", str(a_file))
+    with pytest.raises(UserError, match="cannot be created: .*a_file is a file"):
+        settings(tmp_path, "--results-dir", str(a_file / "sub"))
+    with pytest.raises(UserError, match="DB_PATH .* is a folder"):
+        settings(tmp_path, "--db-path", str(tmp_path))
+    with pytest.raises(UserError, match="DB_PATH .*a_file exists and is not an SQLite database"):
+        settings(tmp_path, "--db-path", str(a_file))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env", "a_file"]  # nothing created
+
+
+def test_unwritable_results_dir(tmp_path: Path) -> None:
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    # root writes anywhere but on a read-only file system such as sysfs
+    target = Path("/sys/text2sql-results") if os.geteuid() == 0 else locked / "results"
+    if os.geteuid() == 0 and not Path("/sys/kernel").is_dir():
+        pytest.skip("running as root without /sys: no unwritable folder to try")
+    try:
+        with pytest.raises(UserError, match="cannot be written"):
+            settings(tmp_path, "--results-dir", str(target))
+    finally:
+        locked.chmod(0o755)
+
+
+def test_db_path_never_takes_over_another_sqlite_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    from scripts.store import ResultsStore
+
+    other = tmp_path / "shop.sqlite"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE items (id INTEGER)")
+    conn.commit()
+    conn.close()
+    before = other.read_bytes()
+    with pytest.raises(UserError, match="not a results store .*items"):
+        settings(tmp_path, "--db-path", str(other))
+    assert other.read_bytes() == before
+    with ResultsStore(tmp_path / "store.sqlite"):  # an earlier run's store is accepted
+        pass
+    assert settings(tmp_path, "--db-path", str(tmp_path / "store.sqlite")).db_path == tmp_path / "store.sqlite"
+
+
+def test_demo_replaces_the_users_data_paths(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the demo data are built under ./data/demo_build
+    s = settings(tmp_path, "--demo", "--eval-dataset", "mine.json",
+                 env_file="PATH_FT_DATASET=t.json\nPATH_DATABASES=d\n")
+    assert (s.path_ft_dataset, s.path_task_eval_dataset, s.path_databases) == (None, (), None)
+    assert s.spider_zip == Path("data/demo_build/spider_data.zip")
 
 
 def test_stages_keep_pipeline_order(tmp_path: Path) -> None:
@@ -67,6 +219,10 @@ def test_stages_keep_pipeline_order(tmp_path: Path) -> None:
         (["--num-candidates", "4", "--vote-top-p", "1.5"], r"VOTE_TOP_P must be in \(0, 1\]"),
         (["--select-adapter-on", "voted"], "needs execution-guided voting: set NUM_CANDIDATES to 2 or more"),
         (["--num-candidates", "1", "--select-adapter-on", "voted"], "set NUM_CANDIDATES to 2 or more"),
+        (["--sql-timeout", "nan"], "SQL_TIMEOUT_S .* finite"),
+        (["--sql-timeout", "inf"], "SQL_TIMEOUT_S .* finite"),
+        (["--stages", ","], "names no stage"),
+        (["--stages", " "], "names no stage"),
     ],
 )
 def test_bad_values_are_user_errors(tmp_path: Path, flags: list[str], message: str) -> None:
@@ -111,10 +267,36 @@ def test_voting_is_off_by_default_and_set_by_env_and_flags(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("env_file, message", [
-    ("NUM_CANDIDATES=eight\n", "NUM_CANDIDATES in .env must be an integer, got 'eight'"),
-    ("NUM_CANDIDATES=4\nVOTE_TOP_P=high\n", "VOTE_TOP_P in .env must be a number, got 'high'"),
+    ("NUM_CANDIDATES=eight\n", "NUM_CANDIDATES in .* is 'eight', not an integer"),
+    ("NUM_CANDIDATES=4\nVOTE_TOP_P=high\n", "VOTE_TOP_P in .* is 'high', not a number"),
     ("SELECT_ADAPTER_ON=best\n", "SELECT_ADAPTER_ON must be one of"),
 ])
 def test_bad_voting_values_in_env_are_user_errors(tmp_path: Path, env_file: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         settings(tmp_path, env_file=env_file)
+
+
+def test_env_example_documents_every_key_and_parses_uncommented(tmp_path: Path, caplog) -> None:
+    """.env.example names each key once; with every line uncommented it is a valid .env, without warnings."""
+    import re
+
+    from scripts.settings import CHECK_KEYS, ENV_KEYS
+
+    example = (Path(__file__).resolve().parent.parent / ".env.example").read_text()
+    keys = re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", example, flags=re.M)
+    assert sorted(keys) == sorted([*ENV_KEYS, *CHECK_KEYS])
+    uncommented = re.sub(r"^# ?([A-Z][A-Z0-9_]+=)", r"\1", example, flags=re.M)
+    s = settings(tmp_path, env_file=uncommented)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert s.path_task_eval_dataset == (Path("my_data/my_eval.json"), Path("my_data/holdout.jsonl"))
+    assert len(s.training_configs) == 2 and s.sample_size_eval == 200
+
+
+def test_help_says_which_settings_are_inputs_and_outputs(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--ft-dataset FILE input: your train set", "--eval-dataset FILE[,FILE...] input: your evaluation set",
+                 "--databases DIR input:", "--spider-zip SPIDER_ZIP input:", "--mmlu PATH_MMLU input:",
+                 "--results-dir RESULTS_DIR output:", "--db-path DB_PATH output:"):
+        assert flag in text, flag

@@ -153,6 +153,16 @@ def test_missing_dev_json(tmp_path):
         prepare_spider(zip_folder(folder, tmp_path / "s.zip"), tmp_path / "out")
 
 
+def test_rejected_zip_leaves_nothing_unpacked(tmp_path):
+    """The zip is validated in a staging folder: nothing of it stays, not even the parent folders made for it."""
+    folder = make_spider_folder(tmp_path / "src")
+    (folder / "tables.json").unlink()
+    zip_path = zip_folder(folder, tmp_path / "s.zip")
+    with pytest.raises(UserError, match=r"s\.zip: spider_data/tables\.json is missing"):
+        prepare_spider(zip_path, tmp_path / "data" / "spider_data")
+    assert not (tmp_path / "data").exists()
+
+
 def test_missing_tables_json(tmp_path):
     folder = make_spider_folder(tmp_path / "src")
     (folder / "tables.json").unlink()

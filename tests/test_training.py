@@ -1,5 +1,8 @@
 """Stage 4: config validation, the label mask, a real tiny LoRA run, adapter reload, resume and skip."""
 import json
+import logging
+import shutil
+import weakref
 
 import pytest
 import torch
@@ -9,8 +12,8 @@ from transformers import TrainerCallback
 from scripts.errors import UserError
 from scripts.prompts import render
 from scripts.training import (
-    TRAINING_DEFAULTS, QLoRATrainer, _drop_padding_mask, _lora_config, _sft_config, run_name, tokenize_for_training,
-    validate_training_configs,
+    TRAINING_DEFAULTS, QLoRATrainer, _drop_padding_mask, _lora_config, _sft_config, halved_batch, run_name,
+    tokenize_for_training, validate_training_configs,
 )
 from tests.tiny_models import build_tiny_model, build_tokenizer
 
@@ -307,18 +310,18 @@ def test_stages_3_and_4_on_real_spider(shared_spider, tmp_path):
 
     from scripts.pre_proc import load_jsonl, preprocess_stage
     from scripts.run_state import StageCache
-    from scripts.spider_data import prepare_spider
+    from scripts.spider_data import prepare_spider, spider_set
     from scripts.training import train_stage
 
     loader = TinyLoader("chatml")
     settings = SimpleNamespace(
         base_model_id="tiny/chatml", training_configs=[{"max_steps": 2, "max_length": 4096, "logging_steps": 1}],
-        sample_size_train=6, seed=3, schema_sample_rows=2, path_ft_dataset=tmp_path / "ft.jsonl",
+        sample_size_train=6, seed=3, schema_sample_rows=2, train_chat_file=tmp_path / "ft.jsonl",
         stages=("preprocess", "train"), results_dir=tmp_path / "results", quantization="none", hf_token=None, force=False,
     )
     models = SimpleNamespace(get=lambda adapter=None: loader("tiny/chatml", quantization="none", token=None, for_training=True))
-    layout = prepare_spider(shared_spider, tmp_path / "unused")
-    train_set = preprocess_stage(settings, StageCache(tmp_path / "stages"), layout, models)
+    train = spider_set(prepare_spider(shared_spider, tmp_path / "unused"), "train")
+    train_set = preprocess_stage(settings, StageCache(tmp_path / "stages"), train, models)
     rows = load_jsonl(train_set["path"])
     assert train_set["stats"]["sampled"] == 6 and len(rows) == train_set["stats"]["kept"] > 0
     assert all(r["completion"].endswith("<|im_end|>") and "CREATE TABLE" in r["prompt"] for r in rows)
@@ -329,3 +332,151 @@ def test_stages_3_and_4_on_real_spider(shared_spider, tmp_path):
     settings.stages = ("report",)  # train stage left out: the completed run is found, nothing retrains
     calls = loader.calls
     assert train_stage(settings, train_set, loader=loader) == runs and loader.calls == calls
+
+
+# ----------------------------------------------------------------------------------------------- out of memory
+
+class OutOfMemoryAbove(TrainerCallback):
+    """A fake CUDA out-of-memory error at the start of each step from `from_step` on, while the batch exceeds `fits`."""
+
+    def __init__(self, fits: int, from_step: int = 0) -> None:
+        self.fits, self.from_step, self.raised, self.batches = fits, from_step, 0, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.batches.append((args.per_device_train_batch_size, args.gradient_accumulation_steps))
+        if args.per_device_train_batch_size > self.fits and state.global_step >= self.from_step:
+            self.raised += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                              "capacity of 14.56 GiB of which 1.06 GiB is free.")
+
+
+def test_out_of_memory_retries_with_half_the_batch_from_the_last_checkpoint(tmp_path, caplog):
+    """OOM at step 3 of batch 4 x 1: the run goes on at 2 x 2 from checkpoint-2, over the same examples."""
+    rows = sft_rows(build_tokenizer("chatml"))
+    cfg = config(max_steps=4, save_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    reference = QLoRATrainer("tiny/chatml", tmp_path / "reference", loader=TinyLoader()).train(cfg, rows, "data")
+    oom, loader = OutOfMemoryAbove(fits=2, from_step=2), TinyLoader()
+    trainer = QLoRATrainer("tiny/chatml", tmp_path / "capped", loader=loader, callbacks=[oom])
+    with caplog.at_level(logging.WARNING, logger="scripts.training"):
+        result = trainer.train(cfg, rows, "data")
+    summary = result["summary"]
+    assert oom.raised == 1 and loader.calls == 2  # the failed attempt's model was dropped and loaded again
+    assert (summary["per_device_train_batch_size"], summary["gradient_accumulation_steps"]) == (2, 2)
+    assert summary["oom_retries"] == 1 and summary["resumed_from"] == "checkpoint-2" and summary["steps"] == 4
+    assert summary["tokens_trained"] == reference["summary"]["tokens_trained"]  # the same examples per step
+    assert "out of memory in training at per-device batch 4 x 1" in caplog.text
+    assert "retrying with 2 x 2 (the same effective batch of 4 examples), from the last checkpoint" in caplog.text
+    run_dir = trainer.run_dir(cfg, "data")
+    settled = json.loads((run_dir / "batch.json").read_text())
+    assert (settled["per_device_train_batch_size"], settled["gradient_accumulation_steps"]) == (2, 2)
+    # a rerun of the run from scratch (log and checkpoints gone) starts from the settled batch: no error again
+    (run_dir / "training_log.json").unlink()
+    shutil.rmtree(run_dir / "checkpoints")
+    again = OutOfMemoryAbove(fits=2)
+    rerun = QLoRATrainer("tiny/chatml", tmp_path / "capped", loader=loader, callbacks=[again]).train(cfg, rows, "data")
+    assert again.raised == 0 and set(again.batches) == {(2, 2)} and rerun["summary"]["oom_retries"] == 1
+
+
+def test_out_of_memory_at_batch_one_stops_with_what_to_change(tmp_path):
+    oom = OutOfMemoryAbove(fits=0)
+    trainer = QLoRATrainer("tiny/chatml", tmp_path, quantization="none", loader=TinyLoader(), callbacks=[oom])
+    with pytest.raises(UserError) as caught:
+        trainer.train(config(per_device_train_batch_size=3, gradient_accumulation_steps=2), sft_rows(build_tokenizer("chatml")))
+    message = str(caught.value)
+    assert oom.batches == [(3, 2), (1, 6)]  # 3 has no divisor but 1 below its half: 1 x 6, the same 6 examples
+    assert "out of memory in training at per-device batch 1 x 6" in message and "no CUDA GPU" in message
+    assert "the failed allocation asked for 2.00 GiB more" in message
+    assert 'a lower "max_length" (now 512)' in message and '"gradient_checkpointing": true' in message
+    assert "QUANTIZATION 4bit" in message
+
+
+def test_out_of_memory_under_several_processes_is_not_retried(tmp_path, monkeypatch):
+    from scripts import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    loader = TinyLoader()
+    trainer = QLoRATrainer("tiny/chatml", tmp_path, loader=loader, callbacks=[OutOfMemoryAbove(fits=2)])
+    with pytest.raises(UserError, match=r'Under accelerate launch the batch is not retried .*'
+                                        r'"per_device_train_batch_size": 2 and "gradient_accumulation_steps": 2'):
+        trainer.train(config(per_device_train_batch_size=4, gradient_accumulation_steps=1), sft_rows(build_tokenizer("chatml")))
+    assert loader.calls == 1
+
+
+def test_other_errors_are_not_retried(tmp_path):
+    class Broken(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            raise RuntimeError("shape mismatch")
+
+    loader = TinyLoader()
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        QLoRATrainer("tiny/chatml", tmp_path, loader=loader, callbacks=[Broken()]).train(
+            config(), sft_rows(build_tokenizer("chatml")))
+    assert loader.calls == 1
+
+
+def test_halved_batch_keeps_the_effective_batch():
+    assert [halved_batch(n) for n in (1, 2, 3, 4, 5, 6, 8, 12)] == [None, 1, 1, 2, 1, 3, 4, 6]
+
+
+def test_the_report_shows_the_settled_batch():
+    from scripts.report import render_markdown
+
+    retried = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4, "oom_retries": 1}
+    results = {
+        "settings": {"base_model_id": "m", "sample_size_eval": 5, "sample_size_train": 5, "mmlu_k_shot": 5,
+                     "mmlu_per_subject": 1},
+        "created": "now", "baseline": {"ex": {"ex": 0.1, "count": 5}, "mmlu": None}, "best_adapter": None,
+        "best_mmlu": None, "regression": None,
+        "runs": {"a": {"training": retried, "config": {}, "adapter_dir": "a", "ex": None},
+                 "b": {"training": {}, "config": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
+                       "adapter_dir": "b", "ex": None}},
+    }
+    report = render_markdown(results, [])
+    assert "| batch x accumulation |" in report
+    assert "| 4 x 4 (1 OOM retry) |" in next(line for line in report.splitlines() if line.startswith("| a "))
+    assert "| 8 x 2 |" in next(line for line in report.splitlines() if line.startswith("| b "))  # an earlier run: its config
+    assert "retried with half the per-device batch and twice the accumulation" in report and "`a`" in report
+
+
+# ----------------------------------------------------------------------------------------------- precision, release
+
+def test_fp16_mixed_precision_trains_float32_lora_weights(tmp_path, monkeypatch):
+    """On a pre-Ampere GPU: fp16 AMP, and the LoRA weights float32 (TRL makes a 4-bit model's LoRA weights bf16)."""
+    from safetensors.torch import load_file
+
+    import scripts.models
+
+    class HalfQuantized(TinyLoader):
+        def __call__(self, model_id, **kwargs):
+            model, tokenizer = super().__call__(model_id, **kwargs)
+            model.half().is_loaded_in_4bit = True  # as TRL sees a 4-bit model
+            return model, tokenizer
+
+    class Flags(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.flags = (args.fp16, args.bf16)
+            self.trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+
+    t4 = scripts.models.Precision(torch.float16, bf16=False, fp16=True, reason="a T4")
+    monkeypatch.setattr(scripts.models, "precision", lambda *args, **kwargs: t4)
+    flags = Flags()
+    result = QLoRATrainer("tiny/chatml", tmp_path, loader=HalfQuantized(), callbacks=[flags]).train(
+        config(max_steps=2), sft_rows(build_tokenizer("chatml")))
+    assert flags.flags == (True, False) and flags.trainable == {torch.float32}
+    assert result["summary"]["mixed_precision"] == "fp16" and result["summary"]["loss_end"] is not None
+    weights = load_file(f"{result['adapter_dir']}/adapter_model.safetensors")
+    assert weights and {w.dtype for w in weights.values()} == {torch.float32}
+
+
+def test_each_training_run_releases_its_model(tmp_path):
+    class Watched(TinyLoader):
+        models: list = []
+
+        def __call__(self, model_id, **kwargs):
+            model, tokenizer = super().__call__(model_id, **kwargs)
+            self.models.append(weakref.ref(model))
+            return model, tokenizer
+
+    loader = Watched()
+    QLoRATrainer("tiny/chatml", tmp_path, loader=loader).train(config(max_steps=1), sft_rows(build_tokenizer("chatml")))
+    assert len(loader.models) == 1 and loader.models[0]() is None  # gone without the test collecting anything

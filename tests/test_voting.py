@@ -4,6 +4,9 @@ Covered: the majority result wins; failing candidates are dropped; a tie goes to
 the group met first; the greedy answer stands when nothing runs; row order counts only with ORDER BY; a candidate
 that writes is a failure and the file is unchanged; and the fingerprint's equality is the EX metric's (every pair
 of a set of queries, against `score_example` with one of them as gold).
+Then an EX stage with scripted answers, and main.main with voting on: every candidate and vote stored, the report,
+reruns, voting off, resume after an interrupted sampling, and two evaluation sets of one's own (each set voted on,
+the best adapter chosen on the first set's voted EX).
 """
 import hashlib
 import json
@@ -165,12 +168,19 @@ def test_canonical_form_tries_every_order_of_columns_with_the_same_values():
 
 
 def test_best_adapter_is_chosen_on_greedy_ex_unless_the_setting_says_voted():
+    from types import SimpleNamespace
+
     from scripts.evaluate import best_adapter
 
-    tuned = {"a": {"adapter": "a/adapter", "ex": 0.5, "voted": {"ex": 0.4}},
-             "b": {"adapter": "b/adapter", "ex": 0.4, "voted": {"ex": 0.6}}}
-    assert best_adapter(tuned) == best_adapter(tuned, "greedy") == "a/adapter"
-    assert best_adapter(tuned, "voted") == "b/adapter"
+    first, other = SimpleNamespace(name="first"), SimpleNamespace(name="other")
+    tuned = {"a": {"first": {"adapter": "a/adapter", "ex": 0.5, "voted": {"ex": 0.4}},
+                   "other": {"adapter": "a/adapter", "ex": 0.1, "voted": {"ex": 0.9}}},
+             "b": {"first": {"adapter": "b/adapter", "ex": 0.4, "voted": {"ex": 0.6}},
+                   "other": {"adapter": "b/adapter", "ex": 0.9, "voted": {"ex": 0.1}}}}
+    assert best_adapter(tuned, [first, other]) == best_adapter(tuned, [first, other], "greedy") == "a/adapter"
+    assert best_adapter(tuned, [first, other], "voted") == "b/adapter"  # always on the first evaluation set
+    assert best_adapter(tuned, [other, first], "greedy") == "b/adapter"
+    assert best_adapter(tuned, [other, first], "voted") == "a/adapter"
 
 
 # ------------------------------------------------------------------ the EX stage with voting
@@ -364,7 +374,7 @@ def test_pipeline_with_voting_stores_every_candidate_and_reports_voted_ex(voting
     dump = store_tables(root)
     kinds = {r["id"]: r["kind"] for r in dump["runs"]}
     db = root / "data" / "spider_data" / "spider_data" / "database"
-    for kind, ex in (("baseline_ex", results["baseline"]["ex"]), (f"ex_{name}", run["ex"])):
+    for kind, ex in (("baseline_ex@spider_dev", results["baseline"]["ex"]), (f"ex_{name}@spider_dev", run["ex"])):
         voted = ex["voted"]
         assert (voted["n"], voted["temperature"], voted["top_p"], voted["seed"], voted["count"]) == (3, 0.7, 0.95, 0,
                                                                                                     N_EVAL)
@@ -414,7 +424,7 @@ def test_rerun_reuses_the_votes_and_voting_off_reuses_the_greedy_answers(voting_
     # voting off: the same run in the store, so no greedy answer is generated again; no voted result
     status, sampled = voting_main(root, inputs, monkeypatch, "--num-candidates", "0", "--stages", "data,baseline_ex")
     assert status == 0 and sampled.prompts == sampled.greedy == 0
-    off = json.loads((root / "results" / "stages" / "baseline_ex.json").read_text())["result"]
+    off = json.loads((root / "results" / "stages" / "baseline_ex@spider_dev.json").read_text())["result"]
     assert "voted" not in off
     on = results["baseline"]["ex"]
     assert {k: off[k] for k in ("ex", "count", "by_hardness", "errors", "run_id")} == {
@@ -428,20 +438,78 @@ def test_interrupted_sampling_resumes_without_regenerating_stored_candidates(vot
     stages = ("--stages", "data,baseline_ex")
     status, sampled = voting_main(tmp_path, inputs, monkeypatch, *stages, interrupt=True)
     assert status == 130 and sampled.greedy == N_EVAL and sampled.prompts == BATCH
-    stored = candidates_of(tmp_path, "baseline_ex")
+    stored = candidates_of(tmp_path, "baseline_ex@spider_dev")
     assert len(stored) == BATCH * N_CANDIDATES  # the first batch's candidates, generated but not executed yet
     assert all(c["raw_output"] is not None and c["fingerprint"] is None and c["error"] is None for c in stored.values())
     assert not store_tables(tmp_path)["sql_votes"]
 
     status, sampled = voting_main(tmp_path, inputs, monkeypatch, *stages)
     assert status == 0 and sampled.greedy == 0 and sampled.prompts == N_EVAL - BATCH  # only what was missing
-    resumed, uninterrupted = candidates_of(tmp_path, "baseline_ex"), candidates_of(full, "baseline_ex")
+    kind = "baseline_ex@spider_dev"
+    resumed, uninterrupted = candidates_of(tmp_path, kind), candidates_of(full, kind)
     assert {k: c["raw_output"] for k, c in resumed.items() if k in stored} == {
         k: c["raw_output"] for k, c in stored.items()}  # kept, not regenerated
     volatile = ("run_id", "updated_at", "latency_s")
     assert ({k: {f: v for f, v in c.items() if f not in volatile} for k, c in resumed.items()}
             == {k: {f: v for f, v in c.items() if f not in volatile} for k, c in uninterrupted.items()})  # same seeds
-    result = json.loads((tmp_path / "results" / "stages" / "baseline_ex.json").read_text())["result"]
+    result = json.loads((tmp_path / "results" / "stages" / "baseline_ex@spider_dev.json").read_text())["result"]
     expected = voting_run["results"]["baseline"]["ex"]
     assert {k: v for k, v in result["voted"].items() if k != "seconds"} == {
         k: v for k, v in expected["voted"].items() if k != "seconds"}
+
+
+# ------------------------------------------------------------------ voting on every evaluation set (your own data)
+
+def test_voting_on_every_evaluation_set_best_adapter_on_the_first_sets_voted_ex(tmp_path, monkeypatch):
+    """Two evaluation sets of one's own (tests/test_own_data.py's files and databases, no Spider), voting on: each set's
+    EX result, the baseline's and each adapter's, has its own `voted`; candidates and votes are stored per run (so per
+    set); the best adapter is the one with the highest voted EX on the first set; the report shows both per set."""
+    from tests import test_own_data as own
+    from tests.tiny_models import save_tiny_model
+
+    mine = tmp_path / "mine"
+    dbs = own.make_databases(mine / "dbs")
+    train = own.write_jsonl(mine / "train.jsonl", own.TRAIN)
+    sets = ["--eval-dataset", f"{own.write_json(mine / 'my_eval.json', own.EVAL)},"
+            f"{own.write_jsonl(mine / 'holdout.jsonl', own.HOLDOUT)}", "--databases", str(dbs)]
+    model = save_tiny_model(tmp_path / "model", kind="chatml")
+    sampled = Sampled(monkeypatch)  # candidates 0 and 1 become SCRIPTED: every vote goes to `SELECT 1`
+    status, _ = own.run_main(tmp_path, monkeypatch, model, *sets, "--ft-dataset", str(train),
+                             "--training-configs", json.dumps(own.TRAINING_CONFIGS), "--num-candidates", "2",
+                             "--select-adapter-on", "voted",
+                             "--stages", "baseline_ex,preprocess,train,eval_adapters,report")
+    assert status == 0
+    sizes = {"my_eval": own.USABLE_EVAL, "holdout": len(own.HOLDOUT)}
+    assert sampled.prompts == sampled.greedy == 3 * sum(sizes.values())  # the baseline and two adapters, each set
+    out = tmp_path / "results"
+    results = json.loads((out / "results.json").read_text())
+    by_run = {"baseline": results["baseline"]["ex_by_set"], **{n: r["ex_by_set"] for n, r in results["runs"].items()}}
+    conn = sqlite3.connect(out / "results.sqlite")
+    try:
+        stored = dict(conn.execute("SELECT r.kind, COUNT(*) FROM sql_candidates c JOIN runs r ON r.id = c.run_id "
+                                   "GROUP BY r.id").fetchall())
+        votes = dict(conn.execute("SELECT r.kind, COUNT(*) FROM sql_votes v JOIN runs r ON r.id = v.run_id "
+                                  "GROUP BY r.id").fetchall())
+    finally:
+        conn.close()
+    for name, by_set in by_run.items():
+        assert set(by_set) == set(sizes)
+        for set_name, n in sizes.items():
+            ex, kind = by_set[set_name], f"{'baseline_ex' if name == 'baseline' else 'ex_' + name}@{set_name}"
+            assert ex["voted"]["count"] == n and ex["voted"]["n"] == 2 and ex["voted"]["changed"] == n
+            assert stored[kind] == 2 * n and votes[kind] == n
+            saved = json.loads((out / "stages" / f"{kind}.json").read_text())["result"]
+            assert saved["voted"] == ex["voted"]
+    firsts = {r["adapter_dir"]: r["ex_by_set"]["my_eval"]["voted"]["ex"] for r in results["runs"].values()}
+    assert results["best_adapter"] == max(firsts, key=firsts.get)  # the first set's voted EX (the first on a tie)
+    assert all(r["ex"] == r["ex_by_set"]["my_eval"] for r in results["runs"].values())
+    report = (out / "report.md").read_text()
+    assert "| run | EX % | voted EX % | easy % |" in report
+    assert "| run | `my_eval` EX % (n) | `my_eval` voted EX % | `holdout` EX % (n) | `holdout` voted EX % |" in report
+    base = by_run["baseline"]
+    assert (f"| baseline | {100 * base['my_eval']['ex']:.1f} ({sizes['my_eval']}) | "
+            f"{100 * base['my_eval']['voted']['ex']:.1f} | {100 * base['holdout']['ex']:.1f} ({sizes['holdout']}) | "
+            f"{100 * base['holdout']['voted']['ex']:.1f} |") in report
+    for set_name in sizes:
+        assert f"| baseline, `{set_name}` | {100 * base[set_name]['ex']:.1f} | " in report  # the voting section
+    assert "chosen on voted EX of `my_eval`" in report

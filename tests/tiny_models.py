@@ -8,6 +8,9 @@ Tokenizer kinds (each a byte-level BPE trained on a small SQL + English corpus):
 - "mistral_v3": [INST] ... [/INST] template (like Mistral-7B-Instruct-v0.3) that puts the system text into the
                 LAST user turn only, so it disappears from the conversation once an answer follows.
 - "base":       NO chat template and NO pad token; the tokenizer adds <s> (like open_llama_3b_v2, a base model).
+
+`save_tiny_sentencepiece_model` writes OpenLLaMA's real form instead: a sentencepiece tokenizer.model, no
+tokenizer.json (scripts/sentencepiece_tokenizer.py reads it).
 """
 from __future__ import annotations
 
@@ -185,3 +188,22 @@ def save_tiny_model(folder: Path, kind: str = "chatml", arch: str = "llama", see
     tokenizer.save_pretrained(folder)
     build_tiny_model(tokenizer, arch=arch, seed=seed).save_pretrained(folder)
     return folder
+
+
+def save_tiny_sentencepiece_model(folder: Path, vocab_size: int = 512, seed: int = 0) -> tuple[Path, bytes]:
+    """(folder, tokenizer.model bytes): a tiny Llama beside a sentencepiece tokenizer laid out as OpenLLaMA's on the Hub.
+
+    tokenizer.model + a "LlamaTokenizer" tokenizer_config.json, no tokenizer.json, no pad token, no chat template:
+    the form transformers 5 cannot load without protobuf (it converts to a fast tokenizer).
+    """
+    from bench.seed_models import train_sentencepiece, write_sentencepiece_tokenizer
+
+    folder = Path(folder)
+    model_bytes = train_sentencepiece(CORPUS * 4, vocab_size)
+    write_sentencepiece_tokenizer(folder, model_bytes)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder, model_bytes

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/RESULTS.md sections 16-19, one device call per step (../shared/gpu/README.md stages
+# /tmp/site, /tmp/data and the GGUFs in /tmp/m first). Usage: bash bench/gpu_session.sh STEP, STEP one of
+#   env          versions and GPU
+#   smol_mmlu    SmolLM2-135M-Instruct in bf16 (--quantization none) on all 14,042 MMLU questions; its exact ties
+#   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit) on the dev questions that have a database
+#   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
+#   profile LAYOUT   ms per decoding step of a seed model at batch 16 (4-bit and bf16, both decoders)
+#   qwen_train   Qwen: one epoch on all of Spider train, EX of the adapter as trained and merged
+# Logs and JSON go to $OUT. Sizes are environment variables (defaults in each step).
+set -o pipefail
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+quiet() { grep -v "it/s]\|s/it]\|batch/s]\|q/s]\|examples/s]\|B/s]"; }
+data=(--spider-zip /tmp/data/spider_data.zip --mmlu /tmp/data/mmlu)
+
+case $1 in
+  env)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, transformers, peft, trl, bitsandbytes; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'bitsandbytes', \
+bitsandbytes.__version__)"
+    date -u ;;
+  smol_mmlu)
+    python3 main.py --model /tmp/m/smollm2.gguf "${data[@]}" --results-dir /tmp/r_smol --quantization none \
+      --mmlu-per-subject all --eval-batch-size "${EVAL_BATCH:-64}" --stages data,baseline_mmlu 2>&1 | quiet \
+      | tail -n 25
+    python3 -m bench.mmlu_ties /tmp/r_smol/results.sqlite ;;
+  qwen_gen)
+    python3 -m bench.bench_generation /tmp/m/qwen.gguf /tmp/data/spider_data.zip --n "${N:-1034}" \
+      --quantization 4bit --only "${ONLY:-batch 256 pruned,batch 1024}" \
+      --out "$OUT" 2>&1 | quiet | tail -n 20 ;;
+  seed)
+    layout=$2 gib=$3; shift 3
+    [ -d /tmp/sp/spider_data ] || python3 -c "import zipfile; zipfile.ZipFile('/tmp/data/spider_data.zip').extractall('/tmp/sp')"
+    [ -f "/tmp/seed/$layout/config.json" ] || python3 -m bench.seed_models "$layout" --out "/tmp/seed/$layout" \
+      --corpus /tmp/sp/spider_data 2>&1 | quiet | tail -n 5
+    python3 -m bench.capped_run --gpu-gb "$gib" --out "$OUT/${layout}_${gib}gb.json" -- --model "/tmp/seed/$layout" \
+      "${data[@]}" --results-dir "/tmp/r_${layout}_${gib}" --sample-size-train "${TRAIN:-300}" \
+      --sample-size-eval "${EVAL:-100}" --mmlu-per-subject "${MMLU:-3}" --force "$@" 2>&1 | quiet | tail -n 40 ;;
+  profile)  # ms per decoding step of a seed model at batch 16, 4-bit and unquantized bf16, both decoders
+    for q in 4bit none; do
+      python3 -m bench.profile_generation "/tmp/seed/$2" /tmp/data/spider_data.zip --batch-sizes 16 --n 32 \
+        --quantization $q --decoders hf,prune --max-new-tokens "${STEPS:-64}" --out "$OUT" 2>&1 | quiet | tail -n 6
+      cp "$OUT/profile_generation.json" "$OUT/profile_${2}_$q.json"
+    done ;;
+  qwen_train)
+    for precision in 4bit merged; do  # the best config of section 13 (62.1% EX there)
+      timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model /tmp/m/qwen.gguf "${data[@]}" --results-dir /tmp/r_qwen --sample-size-train all \
+        --sample-size-eval all --eval-batch-size 256 --training-configs bench/configs/qwen_2e-4.json --eval-precision $precision \
+        --stages data,preprocess,train,eval_adapters 2>&1 | quiet | grep -i "EX \|training\|error\|took\|tokens/s" \
+        | tail -n 12
+    done ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac
