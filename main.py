@@ -35,6 +35,10 @@ SCHEMA_SAMPLE_ROWS = 0  # sample rows per table in the prompt's schema
 QUANTIZATION = "auto"  # auto: 4-bit NF4 on CUDA, plain float32 LoRA on CPU; or "4bit" / "none"
 EVAL_PRECISION = "4bit"  # "4bit": evaluate as trained; "merged": base unquantized, adapter merged (faster, more memory)
 SEED = 0
+NUM_CANDIDATES = 0  # execution-guided voting: sampled SQL candidates per question (e.g. 8); 0 or 1 = off
+VOTE_TEMPERATURE = 0.7  # sampling of the candidates
+VOTE_TOP_P = 0.95
+SELECT_ADAPTER_ON = "greedy"  # the best adapter by "greedy" or "voted" EX
 # --------------------------------------------------------------------------------------------------------
 
 from scripts import distributed, evaluate, mmlu, pre_proc, regression, report, spider_data, training  # noqa: E402
@@ -63,6 +67,10 @@ def config_defaults() -> dict:
         "quantization": QUANTIZATION,
         "eval_precision": EVAL_PRECISION,
         "seed": SEED,
+        "num_candidates": NUM_CANDIDATES,
+        "vote_temperature": VOTE_TEMPERATURE,
+        "vote_top_p": VOTE_TOP_P,
+        "select_adapter_on": SELECT_ADAPTER_ON,
     }
 
 
@@ -83,7 +91,7 @@ def run(s: Settings) -> dict:
         models.release()  # the evaluation model leaves the GPU before training loads its own
         adapters = training.train_stage(s, train_set)  # 4. one QLoRA run per config
         tuned_ex = evaluate.adapters_stage(s, cache, store, models, eval_sets, adapters)  # 5. EX per adapter and set
-        best = evaluate.best_adapter(tuned_ex, eval_sets)  # chosen on the first evaluation set
+        best = evaluate.best_adapter(tuned_ex, eval_sets, s.select_adapter_on)  # on the first set, greedy or voted EX
         tuned_mmlu = mmlu.mmlu_stage("mmlu_best", s, cache, store, models, adapter=best)  # 6. MMLU of the best
         analysis = regression.regression_stage(s, cache, baseline_mmlu, tuned_mmlu)  # 6. regression analysis
         return report.report_stage(s, eval_sets, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu,

@@ -75,9 +75,28 @@ def remove_distinct(sql: str) -> str:
     return "".join(token for token in tokens if token.lower() != "distinct")
 
 
+def read_prediction(pred: str | None) -> str:
+    """Official reading of a prediction: stripped, ` value ` -> ` 1 `."""
+    return (pred or "").strip().replace(" value ", " 1 ")
+
+
 def prediction_from_line(line: str) -> str:
     """Official reading of one prediction line: first tab field, ` value ` -> ` 1 `."""
-    return line.strip().split("\t")[0].replace(" value ", " 1 ")
+    return read_prediction(line.strip().split("\t")[0])
+
+
+def executed_sql(sql: str, keep_distinct: bool = False) -> str:
+    """A query as the metric runs it: operators repaired, DISTINCT dropped (unless keep_distinct), YEAR(CURDATE())
+    -> 2020; sqlparse may raise on hostile input."""
+    sql = repair_operators(sql)
+    if not keep_distinct:
+        sql = remove_distinct(sql)
+    return replace_cur_year(sql)
+
+
+def order_matters(sql: str) -> bool:
+    """Whether results compare as ordered lists: the (gold) query, as executed, has ORDER BY."""
+    return "order by" in sql.lower()
 
 
 # ---------------------------------------------------------------- result comparison (official result_eq)
@@ -174,18 +193,15 @@ def score_example(pred: str | None, gold: str, db_id: str, db_dir: str, timeout:
     pred = gold if check_only else pred.strip()
     if not pred:
         return _outcome(False, EMPTY, level)
-    pred, gold = repair_operators(pred), repair_operators(gold)
-    if not keep_distinct:
-        try:
-            gold = remove_distinct(gold)
-        except Exception as exc:  # sqlparse limits on hostile input
-            return _outcome(None, GOLD_ERROR, level, f"sqlparse: {exc}")
-        try:
-            pred = remove_distinct(pred)
-        except Exception as exc:
-            return _outcome(False, EXEC_ERROR, level, f"sqlparse: {exc}")
-    order_matters = "order by" in gold.lower()
-    pred, gold = replace_cur_year(pred), replace_cur_year(gold)
+    try:
+        gold = executed_sql(gold, keep_distinct)
+    except Exception as exc:  # sqlparse limits on hostile input
+        return _outcome(None, GOLD_ERROR, level, f"sqlparse: {exc}")
+    try:
+        pred = executed_sql(pred, keep_distinct)
+    except Exception as exc:
+        return _outcome(False, EXEC_ERROR, level, f"sqlparse: {exc}")
+    ordered = order_matters(gold)
     for path in files:
         gold_result = run_query(path, gold, timeout)
         if not gold_result.ok:
@@ -195,7 +211,7 @@ def score_example(pred: str | None, gold: str, db_id: str, db_dir: str, timeout:
         pred_result = run_query(path, pred, timeout)
         if not pred_result.ok:
             return _outcome(False, pred_result.error, level, pred_result.message)
-        if not result_eq(gold_result.rows, pred_result.rows, order_matters):
+        if not result_eq(gold_result.rows, pred_result.rows, ordered):
             return _outcome(False, WRONG_RESULT, level)
     return _outcome(True, OK, level)
 
@@ -298,7 +314,7 @@ def execution_accuracy(
     """
     predictions, golds, db_ids = list(predictions), list(golds), list(db_ids)
     _check_inputs(predictions, golds, db_ids, db_dir, table_file)
-    preds = [(p or "").strip().replace(" value ", " 1 ") for p in predictions]
+    preds = [read_prediction(p) for p in predictions]
     items = list(zip(preds, golds, db_ids))
     per_example = score_all(items, str(db_dir), timeout, keep_distinct, workers) if items else []
     return summarize(per_example, db_ids)

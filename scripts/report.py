@@ -71,6 +71,9 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     base_mmlu = results["baseline"]["mmlu"] or {}
     sets = [d["name"] for d in results.get("eval_sets", [])]
     first = sets[0] if sets else "-"
+    by_run = [("baseline", results["baseline"].get("ex_by_set") or {})]
+    by_run += [(n, r.get("ex_by_set") or {}) for n, r in results["runs"].items()]
+    voting = any(ex.get("voted") for _, by_set in by_run for ex in by_set.values())  # voted EX only when voting was on
     lines = [
         "# Text-to-SQL fine-tuning report",
         "",
@@ -83,36 +86,41 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         "",
         f"## Execution accuracy (`{first}`) and MMLU",
         "",
-        "| run | EX % | " + " | ".join(f"{lv} %" for lv in LEVELS)
+        "| run | EX % | " + ("voted EX % | " if voting else "") + " | ".join(f"{lv} %" for lv in LEVELS)
         + " | MMLU % | train time s | tokens/s | peak GB | batch x accumulation |",
-        "| --- | ---: | " + " | ".join("---:" for _ in LEVELS) + " | ---: | ---: | ---: | ---: | --- |",
-        _row("baseline", base_ex, base_mmlu.get("accuracy"), None),
+        "| --- | ---: | " + ("---: | " if voting else "") + " | ".join("---:" for _ in LEVELS)
+        + " | ---: | ---: | ---: | ---: | --- |",
+        _row("baseline", base_ex, base_mmlu.get("accuracy"), None, voting=voting),
     ]
     for name, run in results["runs"].items():
         mmlu = (results["best_mmlu"] or {}).get("accuracy") if run["adapter_dir"] == results["best_adapter"] else None
         lines.append(_row(name + (" (best)" if run["adapter_dir"] == results["best_adapter"] else ""), run["ex"] or {},
-                          mmlu, run["training"] or {}, run.get("config")))
+                          mmlu, run["training"] or {}, run.get("config"), voting))
     if len(sets) > 1:
         lines += ["", "## Execution accuracy per evaluation set (the best adapter is chosen on the first)", "",
-                  "| run | " + " | ".join(f"`{name}` EX % (n)" for name in sets) + " |",
-                  "| --- | " + " | ".join("---:" for _ in sets) + " |"]
-        rows = [("baseline", results["baseline"].get("ex_by_set") or {})]
-        rows += [(name, run.get("ex_by_set") or {}) for name, run in results["runs"].items()]
-        for name, by_set in rows:
-            cells = [f"{_pct((by_set.get(d) or {}).get('ex'))} ({(by_set.get(d) or {}).get('count', '-')})"
-                     for d in sets]
+                  "| run | " + " | ".join(f"`{name}` EX % (n)" + (f" | `{name}` voted EX %" if voting else "")
+                                          for name in sets) + " |",
+                  "| --- | " + " | ".join("---:" + (" | ---:" if voting else "") for _ in sets) + " |"]
+        for name, by_set in by_run:
+            cells = []
+            for d in sets:
+                ex = by_set.get(d) or {}
+                cells.append(f"{_pct(ex.get('ex'))} ({ex.get('count', '-')})")
+                if voting:
+                    cells.append(_pct((ex.get("voted") or {}).get("ex")))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     retried = [name for name, run in results["runs"].items() if (run["training"] or {}).get("oom_retries")]
     if retried:
         lines += ["", "Out of GPU memory in training, retried with half the per-device batch and twice the "
                       "accumulation (the same effective batch): " + ", ".join(f"`{n}`" for n in retried) + "."]
     lines += ["", "EX counts only examples whose database exists; errors by class:", ""]
-    for name, by_set in [("baseline", results["baseline"].get("ex_by_set") or {})] + [
-            (n, r.get("ex_by_set") or {}) for n, r in results["runs"].items()]:
+    for name, by_set in by_run:
         for set_name, ex in by_set.items():
             if ex.get("errors"):
                 label = name if len(sets) < 2 else f"{name}, `{set_name}`"
                 lines.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(ex["errors"].items())))
+    if voting:
+        lines += _voting_section(by_run, sets, s.get("select_adapter_on", "greedy"))
     analysis = results["regression"]
     if analysis:
         lines += ["", "## Regression analysis (MMLU, fine-tuned vs base, same questions)", "", analysis.get("verdict", "")]
@@ -124,11 +132,31 @@ def render_markdown(results: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _row(name: str, ex: dict, mmlu, training: dict | None, config: dict | None = None) -> str:
-    """One table row."""
+def _voting_section(by_run: list[tuple[str, dict]], sets: list[str], select_on: str) -> list[str]:
+    """Greedy against voted EX per run and evaluation set, what the vote changed and what it cost."""
+    voted = [(name if len(sets) < 2 else f"{name}, `{set_name}`", ex, ex["voted"])
+             for name, by_set in by_run for set_name, ex in by_set.items() if ex.get("voted")]
+    first = voted[0][2]
+    chosen_on = f"{select_on} EX" + (f" of `{sets[0]}`" if len(sets) > 1 else "")
+    lines = ["", "## Execution-guided voting", "",
+             f"{first['n']} sampled candidates per question (temperature {first['temperature']}, top-p "
+             f"{first['top_p']}, seed {first['seed']}) and the greedy answer, each executed read-only; the most "
+             f"common result wins (the greedy answer's on a tie, and when none runs). The best adapter is chosen on "
+             f"{chosen_on}.", "",
+             "| run | greedy EX % | voted EX % | answers changed | gained | lost | voting s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, ex, v in voted:
+        lines.append(f"| {name} | {_pct(ex.get('ex'))} | {_pct(v['ex'])} | {v['changed']} | {v['gained']} | "
+                     f"{v['lost']} | {_num(v['seconds'], 1)} |")
+    return lines
+
+
+def _row(name: str, ex: dict, mmlu, training: dict | None, config: dict | None = None, voting: bool = False) -> str:
+    """One table row (with the voted EX after the greedy EX when voting was on)."""
     by = ex.get("by_hardness") or {}
     t = training or {}
-    cells = [name, _pct(ex.get("ex"))] + [_pct((by.get(lv) or {}).get("ex")) for lv in LEVELS] + [
+    voted = [_pct((ex.get("voted") or {}).get("ex"))] if voting else []
+    cells = [name, _pct(ex.get("ex"))] + voted + [_pct((by.get(lv) or {}).get("ex")) for lv in LEVELS] + [
         _pct(mmlu),
         _num(t.get("train_seconds")),
         _num(t.get("tokens_per_second")),

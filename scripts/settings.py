@@ -30,11 +30,12 @@ STAGES = (
 )
 QUANTIZATIONS = ("auto", "4bit", "none")
 EVAL_PRECISIONS = ("4bit", "merged")  # scripts/models.py: load_for_evaluation
+SELECT_ADAPTER_ON = ("greedy", "voted")  # the EX the best adapter is chosen on (with execution-guided voting)
 # main.py's constants, as Settings fields; each is also a .env key, upper-cased (SAMPLE_SIZE_EVAL=...)
 CONSTANTS = (
     "base_model_id", "sample_size_eval", "sample_size_train", "training_configs", "mmlu_per_subject", "mmlu_k_shot",
     "eval_batch_size", "max_new_tokens", "sql_timeout_s", "schema_sample_rows", "quantization", "eval_precision",
-    "seed",
+    "seed", "num_candidates", "vote_temperature", "vote_top_p", "select_adapter_on",
 )
 # .env / environment key -> Settings field: the token, every constant of main.py, the inputs and the outputs
 ENV_KEYS = {
@@ -51,7 +52,8 @@ ENV_KEYS = {
 CHECK_KEYS = ("MIN_EX", "MAX_MMLU_DROP", "LIVE_SAMPLE", "LIVE_MIN_AGREEMENT")  # .env keys of scripts/test.py
 LIBRARY_PREFIXES = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "ACCELERATE_", "CUDA_")  # environment variables of libraries
 SIZES = ("sample_size_eval", "sample_size_train", "mmlu_per_subject")  # a positive integer, or None for all
-INTEGERS = ("mmlu_k_shot", "eval_batch_size", "max_new_tokens", "schema_sample_rows", "seed")
+INTEGERS = ("mmlu_k_shot", "eval_batch_size", "max_new_tokens", "schema_sample_rows", "seed", "num_candidates")
+FLOATS = ("sql_timeout_s", "vote_temperature", "vote_top_p")
 PATHS = ("spider_zip", "data_dir", "results_dir", "db_path", "path_ft_dataset", "path_databases", "path_mmlu")
 TRAIN_CHAT_NAME = "train_chat.jsonl"  # the pre-processed train set, written under RESULTS_DIR
 EVALUATED_DIR_NAME = "eval_sets"  # <RESULTS_DIR>/eval_sets/<set name>.jsonl: the examples each set evaluated
@@ -74,6 +76,10 @@ class Settings:
     quantization: str = "auto"
     eval_precision: str = "4bit"
     seed: int = 0
+    num_candidates: int = 0  # execution-guided voting: sampled candidates per question; 0 or 1 = off
+    vote_temperature: float = 0.7
+    vote_top_p: float = 0.95
+    select_adapter_on: str = "greedy"  # the best adapter by greedy or voted EX
     spider_zip: Path = Path("spider_data.zip")
     data_dir: Path = Path("data/spider_data")
     results_dir: Path = Path("results")
@@ -145,6 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--db-path", type=Path,
                    help="output: the SQLite results store (default: <results-dir>/results.sqlite)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--num-candidates", type=int, help="execution-guided voting: sampled SQL candidates per question "
+                   "(0 or 1: off)")
+    p.add_argument("--vote-temperature", type=float, help="sampling temperature of the voting candidates")
+    p.add_argument("--vote-top-p", type=float, help="top-p of the voting candidates")
+    p.add_argument("--select-adapter-on", choices=SELECT_ADAPTER_ON,
+                   help="choose the best adapter on greedy or voted EX (of the first evaluation set)")
     p.add_argument("--force", action="store_true", default=None, help="redo stages and training runs that exist")
     p.add_argument("--demo", action="store_true", default=None, help="the bundled demo data and SmolLM2-135M-Instruct")
     p.add_argument("--env-file", type=Path, default=None, help="settings file (default: .env when it exists)")
@@ -213,7 +225,7 @@ def from_text(name: str, text: str, where: str):
             return None if text.lower() in ("all", "none", "null") else _positive_int(text)
         if name in INTEGERS:
             return int(text)
-        if name == "sql_timeout_s":
+        if name in FLOATS:
             return float(text)
     except ValueError:
         kind = "a positive integer or 'all'" if name in SIZES else "an integer" if name in INTEGERS else "a number"
@@ -304,6 +316,18 @@ def _validate(s: Settings) -> None:
         raise UserError(f"QUANTIZATION must be one of {QUANTIZATIONS}, got {s.quantization!r}")
     if s.eval_precision not in EVAL_PRECISIONS:
         raise UserError(f"EVAL_PRECISION must be one of {EVAL_PRECISIONS}, got {s.eval_precision!r}")
+    if not isinstance(s.num_candidates, int) or isinstance(s.num_candidates, bool) or s.num_candidates < 0:
+        raise UserError(f"NUM_CANDIDATES must be an integer >= 0 (0 or 1: voting off), got {s.num_candidates!r}")
+    temperature, top_p = s.vote_temperature, s.vote_top_p
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise UserError(f"VOTE_TEMPERATURE must be > 0 (sampling needs a temperature), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise UserError(f"VOTE_TOP_P must be in (0, 1], got {top_p!r}")
+    if s.select_adapter_on not in SELECT_ADAPTER_ON:
+        raise UserError(f"SELECT_ADAPTER_ON must be one of {SELECT_ADAPTER_ON}, got {s.select_adapter_on!r}")
+    if s.select_adapter_on == "voted" and s.num_candidates < 2:
+        raise UserError("SELECT_ADAPTER_ON='voted' needs execution-guided voting: set NUM_CANDIDATES to 2 or more "
+                        "(or choose the best adapter on 'greedy' EX)")
     if not isinstance(s.training_configs, list) or not all(isinstance(c, dict) for c in s.training_configs):
         raise UserError("TRAINING_CONFIGS must be a list of dicts (one dict of hyper-parameters per training run)")
     if not s.base_model_id:

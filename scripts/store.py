@@ -1,8 +1,10 @@
 """The SQLite results store (DB_PATH): every run, generated SQL query and MMLU answer, safe to re-run.
 
 Tables: `runs` (one per kind, model, adapter, config and data fingerprint), `sql_results` (one per run and
-Spider example) and `mmlu_results` (one per run and MMLU question). Writing the same row again updates it
-(upsert), so a rerun or a resumed run never duplicates anything. WAL mode: readable while a run writes.
+Spider example), `mmlu_results` (one per run and MMLU question), and with execution-guided voting
+`sql_candidates` (one per run, example, sampling settings and sampled candidate) and `sql_votes` (the voted
+answer, one per run, example and sampling settings). Writing the same row again updates it (upsert), so a rerun
+or a resumed run never duplicates anything. WAL mode: readable while a run writes.
 
 Example queries (`sqlite3 results/results.sqlite`, or `ResultsStore(path).query(sql)`):
 
@@ -26,6 +28,29 @@ SELECT r.id AS run, r.kind, s.error, COUNT(*) AS n
 FROM sql_results s JOIN runs r ON r.id = s.run_id
 WHERE s.error IS NOT NULL AND s.error != 'ok'
 GROUP BY r.id, s.error ORDER BY r.id, n DESC, s.error;
+
+-- 4. Greedy against voted EX, per run and sampling settings
+SELECT r.id AS run, r.kind, v.sampling, COUNT(*) AS n, ROUND(100.0 * AVG(s.correct), 1) AS greedy_ex,
+       ROUND(100.0 * AVG(v.correct), 1) AS voted_ex, SUM(v.changed) AS changed
+FROM sql_votes v
+JOIN sql_results s ON s.run_id = v.run_id AND s.example_key = v.example_key
+JOIN runs r ON r.id = v.run_id
+WHERE v.correct IS NOT NULL
+GROUP BY r.id, v.sampling ORDER BY r.id;
+
+-- 5. The candidates of the questions the vote got right and the greedy answer wrong
+SELECT v.example_key, s.extracted_sql AS greedy_sql, v.voted_sql, v.votes, v.voters,
+       c.candidate_index, c.extracted_sql, c.fingerprint, c.error
+FROM sql_votes v
+JOIN sql_results s ON s.run_id = v.run_id AND s.example_key = v.example_key
+JOIN sql_candidates c ON c.run_id = v.run_id AND c.example_key = v.example_key AND c.sampling = v.sampling
+WHERE v.correct = 1 AND s.correct = 0
+ORDER BY v.example_key, c.candidate_index;
+
+-- 6. Candidates by outcome ('ok' or the error class), per run
+SELECT r.kind, c.error, COUNT(*) AS n
+FROM sql_candidates c JOIN runs r ON r.id = c.run_id
+GROUP BY r.id, c.error ORDER BY r.id, n DESC, c.error;
 """
 from __future__ import annotations
 
@@ -79,10 +104,42 @@ CREATE TABLE IF NOT EXISTS mmlu_results (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (run_id, subject, question_index)
 );
+CREATE TABLE IF NOT EXISTS sql_candidates (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    example_key TEXT NOT NULL,
+    sampling TEXT NOT NULL,            -- canonical JSON: n, temperature, top_p, seed
+    candidate_index INTEGER NOT NULL,  -- 0 .. n-1
+    raw_output TEXT,
+    extracted_sql TEXT,
+    fingerprint TEXT,                  -- result fingerprint (scripts/voting.py); NULL when it failed or is not run yet
+    error TEXT,                        -- 'ok' or the error class; NULL until executed
+    latency_s REAL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, example_key, sampling, candidate_index)
+);
+CREATE TABLE IF NOT EXISTS sql_votes (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    example_key TEXT NOT NULL,
+    sampling TEXT NOT NULL,
+    greedy_fingerprint TEXT,           -- NULL when the greedy answer failed
+    voted_sql TEXT,
+    fingerprint TEXT,                  -- the winning result; NULL when nothing ran (the greedy answer stands)
+    votes INTEGER,                     -- answers in the winning group (the greedy answer counts)
+    voters INTEGER,                    -- answers that ran
+    changed INTEGER,                   -- 1 when the voted result is not the greedy answer's
+    correct INTEGER,                   -- the voted answer's EX: 1, 0, or NULL when not scored
+    error TEXT,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (run_id, example_key, sampling)
+);
 """
 
 SQL_COLUMNS = ("example_key", "db_id", "question", "gold_sql", "raw_output", "extracted_sql", "correct", "error",
                "hardness", "latency_s")
+CANDIDATE_COLUMNS = ("example_key", "candidate_index", "raw_output", "extracted_sql", "fingerprint", "error",
+                     "latency_s")
+VOTE_COLUMNS = ("example_key", "greedy_fingerprint", "voted_sql", "fingerprint", "votes", "voters", "changed",
+                "correct", "error")
 
 
 def data_fingerprint(obj: Any) -> str:
@@ -177,6 +234,48 @@ class ResultsStore:
                 f"INSERT INTO sql_results (run_id, {', '.join(SQL_COLUMNS)}, updated_at) "
                 f"VALUES ({', '.join('?' * (len(SQL_COLUMNS) + 2))}) "
                 f"ON CONFLICT (run_id, example_key) DO UPDATE SET {updates}",
+                values,
+            )
+
+    def add_candidates(self, run_id: int, sampling: Any, rows: Iterable[dict]) -> None:
+        """Insert or update sampled candidates (keyed by `example_key` and `candidate_index` under these settings)."""
+        self._upsert("sql_candidates", CANDIDATE_COLUMNS, ("example_key", "candidate_index"), run_id, sampling, rows)
+
+    def candidate_rows(self, run_id: int, sampling: Any) -> list[dict]:
+        """A run's candidates under these sampling settings, by example (in insertion order) and index."""
+        return self.query(
+            f"SELECT {', '.join(CANDIDATE_COLUMNS)} FROM sql_candidates WHERE run_id = ? AND sampling = ? "
+            "ORDER BY rowid", (run_id, _canonical(sampling)))
+
+    def add_votes(self, run_id: int, sampling: Any, rows: Iterable[dict]) -> None:
+        """Insert or update voted answers (keyed by `example_key` under these sampling settings)."""
+        rows = [{**row, "changed": _bool_or_none(row.get("changed")), "correct": _bool_or_none(row.get("correct"))}
+                for row in rows]
+        self._upsert("sql_votes", VOTE_COLUMNS, ("example_key",), run_id, sampling, rows)
+
+    def vote_rows(self, run_id: int, sampling: Any) -> list[dict]:
+        """A run's voted answers under these sampling settings (`changed` and `correct` as bool or None)."""
+        rows = self.query(f"SELECT {', '.join(VOTE_COLUMNS)} FROM sql_votes WHERE run_id = ? AND sampling = ? "
+                          "ORDER BY rowid", (run_id, _canonical(sampling)))
+        for row in rows:
+            for name in ("changed", "correct"):
+                row[name] = None if row[name] is None else bool(row[name])
+        return rows
+
+    def _upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...], run_id: int, sampling: Any,
+                rows: Iterable[dict]) -> None:
+        """Insert or update rows of a voting table (one row per run, sampling settings and `key`)."""
+        values = []
+        for row in rows:
+            if any(row.get(k) is None for k in key):
+                raise ValueError(f"a {table} row needs {', '.join(key)}: {row!r}")
+            values.append((run_id, _canonical(sampling), *(row.get(c) for c in columns), _now()))
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns + ("updated_at",) if c not in key)
+        with self._conn:
+            self._conn.executemany(
+                f"INSERT INTO {table} (run_id, sampling, {', '.join(columns)}, updated_at) "
+                f"VALUES ({', '.join('?' * (len(columns) + 3))}) "
+                f"ON CONFLICT (run_id, sampling, {', '.join(key)}) DO UPDATE SET {updates}",
                 values,
             )
 

@@ -18,6 +18,9 @@ What is compared, and why:
   example and question; the regression and the report were written.
 - The store: the same runs in both, no duplicated (run, example) or (run, question) row, one row per example;
   the second process's spool (its answers kept until the main process has them) is used and left empty.
+- Execution-guided voting is on (2 candidates per question): the baseline's sampled candidates, their
+  fingerprints and the votes are exactly the same (with batches of one prompt, each is seeded by its index), one
+  candidate row per example and index; the adapter's cover every example.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from tests.tiny_models import save_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 2
+CANDIDATES = 2  # execution-guided voting on, so that its candidates are spread and gathered too
 TRAINING = [{"max_steps": MAX_STEPS, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
              "max_length": 2048, "logging_steps": 1}]
 
@@ -64,7 +68,7 @@ def run_pipeline(workdir: Path, inputs: dict, processes: int) -> tuple[str, floa
         "--mmlu", str(inputs["mmlu"]), "--results-dir", "results", "--db-path", "results/results.sqlite",
         "--sample-size-eval", "24", "--sample-size-train", "16", "--mmlu-per-subject", "6",
         "--eval-batch-size", "1", "--max-new-tokens", "24", "--quantization", "none",
-        "--training-configs", json.dumps(TRAINING),
+        "--training-configs", json.dumps(TRAINING), "--num-candidates", str(CANDIDATES),
     ]
     launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launch_vars}
@@ -87,12 +91,15 @@ def store_rows(db: Path) -> dict:
     conn = sqlite3.connect(db)
     try:
         runs = dict(conn.execute("SELECT id, kind FROM runs").fetchall())
-        out = {"kinds": sorted(runs.values()), "sql": {}, "mmlu": {}}
+        out = {"kinds": sorted(runs.values()), "sql": {}, "mmlu": {}, "candidates": {}, "votes": {}}
         out["duplicate_runs"] = conn.execute(
             "SELECT COUNT(*) FROM (SELECT 1 FROM runs GROUP BY kind, model, adapter, config, data_fingerprint "
             "HAVING COUNT(*) > 1)").fetchone()[0]
         out["duplicate_sql"] = conn.execute(
             "SELECT COUNT(*) FROM (SELECT 1 FROM sql_results GROUP BY run_id, example_key "
+            "HAVING COUNT(*) > 1)").fetchone()[0]
+        out["duplicate_candidates"] = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM sql_candidates GROUP BY run_id, example_key, sampling, candidate_index "
             "HAVING COUNT(*) > 1)").fetchone()[0]
         out["duplicate_mmlu"] = conn.execute(
             "SELECT COUNT(*) FROM (SELECT 1 FROM mmlu_results GROUP BY run_id, subject, question_index "
@@ -103,6 +110,12 @@ def store_rows(db: Path) -> dict:
             mmlu = conn.execute("SELECT subject, question_index, prediction, correct, loglikelihoods FROM mmlu_results "
                                 "WHERE run_id = ? ORDER BY subject, question_index", (run_id,)).fetchall()
             out["sql"][kind], out["mmlu"][kind] = sql, mmlu
+            out["candidates"][kind] = conn.execute(
+                "SELECT example_key, candidate_index, raw_output, extracted_sql, fingerprint, error FROM sql_candidates "
+                "WHERE run_id = ? ORDER BY example_key, candidate_index", (run_id,)).fetchall()
+            out["votes"][kind] = conn.execute(
+                "SELECT example_key, voted_sql, fingerprint, votes, voters, changed, correct FROM sql_votes "
+                "WHERE run_id = ? ORDER BY example_key", (run_id,)).fetchall()
         return out
     finally:
         conn.close()
@@ -129,10 +142,17 @@ def test_two_processes_match_one_and_store_no_duplicates(inputs, tmp_path):
                                         "mmlu_best"]
     for store in (a, b):
         assert store["duplicate_runs"] == store["duplicate_sql"] == store["duplicate_mmlu"] == 0
+        assert store["duplicate_candidates"] == 0
     # baseline: exactly the same answer for every example and question
     assert b["sql"]["baseline_ex@spider_dev"] == a["sql"]["baseline_ex@spider_dev"]
     assert len(a["sql"]["baseline_ex@spider_dev"]) == one["baseline"]["ex"]["count"] == 24
     assert b["mmlu"]["baseline_mmlu"] == a["mmlu"]["baseline_mmlu"]
+    # voting: the same candidates, fingerprints and votes
+    base = "baseline_ex@spider_dev"
+    assert b["candidates"][base] == a["candidates"][base] and len(a["candidates"][base]) == 24 * CANDIDATES
+    assert b["votes"][base] == a["votes"][base] and len(a["votes"][base]) == 24
+    voted_one, voted_two = one["baseline"]["ex"]["voted"], two["baseline"]["ex"]["voted"]
+    assert {**voted_two, "seconds": None} == {**voted_one, "seconds": None}
     assert len(a["mmlu"]["baseline_mmlu"]) == one["baseline"]["mmlu"]["count"] == 18
 
     # after training (DDP with 2 processes): complete, not equal
@@ -142,6 +162,8 @@ def test_two_processes_match_one_and_store_no_duplicates(inputs, tmp_path):
              ["log_history"][-1]["epoch"] for name, run in (("one", run_one), ("two", run_two))}
     assert epoch["two"] == pytest.approx(2 * epoch["one"]), f"not data parallel: epochs after {MAX_STEPS} steps {epoch}"
     assert run_two["ex"]["count"] == 24 and len(b["sql"][f"ex_{run_name}@spider_dev"]) == 24
+    assert (len(b["candidates"][f"ex_{run_name}@spider_dev"]) == 24 * CANDIDATES
+            and len(b["votes"][f"ex_{run_name}@spider_dev"]) == 24)
     assert two["best_mmlu"]["count"] == 18 and len(b["mmlu"]["mmlu_best"]) == 18
     assert two["regression"] is not None
     assert (tmp_path / "two/results/report.md").is_file()

@@ -214,6 +214,11 @@ def test_stages_keep_pipeline_order(tmp_path: Path) -> None:
         (["--training-configs", '{"a": 1}'], "list of dicts"),
         (["--eval-batch-size", "0"], "EVAL_BATCH_SIZE"),
         (["--sql-timeout", "-1"], "SQL_TIMEOUT_S"),
+        (["--num-candidates", "-1"], "NUM_CANDIDATES must be an integer >= 0"),
+        (["--num-candidates", "4", "--vote-temperature", "0"], "VOTE_TEMPERATURE must be > 0"),
+        (["--num-candidates", "4", "--vote-top-p", "1.5"], r"VOTE_TOP_P must be in \(0, 1\]"),
+        (["--select-adapter-on", "voted"], "needs execution-guided voting: set NUM_CANDIDATES to 2 or more"),
+        (["--num-candidates", "1", "--select-adapter-on", "voted"], "set NUM_CANDIDATES to 2 or more"),
         (["--sql-timeout", "nan"], "SQL_TIMEOUT_S .* finite"),
         (["--sql-timeout", "inf"], "SQL_TIMEOUT_S .* finite"),
         (["--stages", ","], "names no stage"),
@@ -249,6 +254,26 @@ def test_demo_defaults_fit_a_small_cpu_and_leave_other_runs_alone(tmp_path: Path
     assert config["num_train_epochs"] == 2 and config["gradient_checkpointing"] is False
     s = settings(tmp_path)  # without --demo: the pipeline's own defaults
     assert (s.eval_batch_size, s.max_new_tokens) == (16, 160)
+
+
+def test_voting_is_off_by_default_and_set_by_env_and_flags(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    assert (s.num_candidates, s.vote_temperature, s.vote_top_p, s.select_adapter_on) == (0, 0.7, 0.95, "greedy")
+    env = "NUM_CANDIDATES=8\nVOTE_TEMPERATURE=0.9\nVOTE_TOP_P=0.8\nSELECT_ADAPTER_ON=voted\n"
+    s = settings(tmp_path, env_file=env)
+    assert (s.num_candidates, s.vote_temperature, s.vote_top_p, s.select_adapter_on) == (8, 0.9, 0.8, "voted")
+    s = settings(tmp_path, "--num-candidates", "3", "--vote-top-p", "1", "--select-adapter-on", "greedy", env_file=env)
+    assert (s.num_candidates, s.vote_temperature, s.vote_top_p, s.select_adapter_on) == (3, 0.9, 1.0, "greedy")
+
+
+@pytest.mark.parametrize("env_file, message", [
+    ("NUM_CANDIDATES=eight\n", "NUM_CANDIDATES in .* is 'eight', not an integer"),
+    ("NUM_CANDIDATES=4\nVOTE_TOP_P=high\n", "VOTE_TOP_P in .* is 'high', not a number"),
+    ("SELECT_ADAPTER_ON=best\n", "SELECT_ADAPTER_ON must be one of"),
+])
+def test_bad_voting_values_in_env_are_user_errors(tmp_path: Path, env_file: str, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        settings(tmp_path, env_file=env_file)
 
 
 def test_env_example_documents_every_key_and_parses_uncommented(tmp_path: Path, caplog) -> None:

@@ -21,18 +21,50 @@ def _counts(path) -> tuple[int, int, int]:
         return tuple(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("runs", "sql_results", "mmlu_results"))
 
 
-def test_schema_has_the_three_tables_and_their_keys(tmp_path):
+def test_schema_has_the_five_tables_and_their_keys(tmp_path):
     path = tmp_path / "sub" / "results.sqlite"
     with ResultsStore(path):
         pass
     with sqlite3.connect(path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in tables}
-    assert tables == {"runs", "sql_results", "mmlu_results"}
+    assert tables == {"runs", "sql_results", "mmlu_results", "sql_candidates", "sql_votes"}
     assert {"kind", "model", "adapter", "config", "data_fingerprint", "created_at"} <= set(columns["runs"])
     assert {"example_key", "db_id", "question", "gold_sql", "raw_output", "extracted_sql", "correct", "error",
             "hardness", "latency_s"} <= set(columns["sql_results"])
     assert {"subject", "question_index", "prediction", "answer", "correct", "loglikelihoods"} <= set(columns["mmlu_results"])
+    assert {"example_key", "sampling", "candidate_index", "raw_output", "extracted_sql", "fingerprint", "error",
+            "latency_s"} <= set(columns["sql_candidates"])
+    assert {"example_key", "sampling", "greedy_fingerprint", "voted_sql", "fingerprint", "votes", "voters", "changed",
+            "correct", "error"} <= set(columns["sql_votes"])
+
+
+def test_candidates_and_votes_upsert_per_sampling_settings(tmp_path):
+    """A candidate written again (first generated, then executed) is updated in place; other settings keep theirs."""
+    path = tmp_path / "r.sqlite"
+    warm, hot = {"n": 2, "temperature": 0.7, "top_p": 0.95, "seed": 0}, {"n": 2, "temperature": 1.0, "top_p": 0.95, "seed": 0}
+    with ResultsStore(path) as store:
+        run = store.start_run("baseline_ex", "m", None, CONFIG, "fp")
+        generated = [{"example_key": "singer::q1", "candidate_index": j, "raw_output": f"SELECT {j}", "latency_s": 0.5}
+                     for j in range(2)]
+        store.add_candidates(run, warm, generated)
+        store.add_candidates(run, hot, generated[:1])
+        store.add_candidates(run, {"top_p": 0.95, "seed": 0, "n": 2, "temperature": 0.7},  # key order does not matter
+                             [{**row, "extracted_sql": row["raw_output"], "fingerprint": "f" * 16, "error": "ok"}
+                              for row in generated])
+        store.add_votes(run, warm, [{"example_key": "singer::q1", "voted_sql": "SELECT 0", "votes": 1, "voters": 3,
+                                     "changed": True, "correct": False, "error": "wrong_result"}])
+        candidates, others, votes = store.candidate_rows(run, warm), store.candidate_rows(run, hot), store.vote_rows(run, warm)
+        with pytest.raises(ValueError, match="candidate_index"):
+            store.add_candidates(run, warm, [{"example_key": "singer::q2"}])
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM sql_candidates").fetchone()[0] == 3
+    assert [(c["candidate_index"], c["raw_output"], c["fingerprint"], c["error"], c["latency_s"]) for c in candidates] == [
+        (0, "SELECT 0", "f" * 16, "ok", 0.5), (1, "SELECT 1", "f" * 16, "ok", 0.5)]
+    assert [(c["candidate_index"], c["fingerprint"]) for c in others] == [(0, None)]
+    assert votes == [{"example_key": "singer::q1", "greedy_fingerprint": None, "voted_sql": "SELECT 0",
+                      "fingerprint": None, "votes": 1, "voters": 3, "changed": True, "correct": False,
+                      "error": "wrong_result"}]
 
 
 def test_start_run_is_idempotent_on_its_key(tmp_path):
@@ -115,8 +147,8 @@ def test_data_fingerprint_is_stable_and_content_sensitive():
 
 def test_the_three_example_queries_of_the_docstring_answer_correctly(tmp_path):
     queries = example_queries()
-    assert len(queries) == 3
-    by_hardness, fixed, errors = queries.values()
+    assert len(queries) == 6
+    by_hardness, fixed, errors = list(queries.values())[:3]
     with ResultsStore(tmp_path / "r.sqlite") as store:
         base = store.start_run("baseline_ex", "m", None, CONFIG, "fp")
         tuned = store.start_run("ex_run1", "m", "results/run1/adapter", CONFIG, "fp")
@@ -135,3 +167,28 @@ def test_the_three_example_queries_of_the_docstring_answer_correctly(tmp_path):
     assert [(r["run"], r["error"], r["n"]) for r in error_counts] == [
         (base, "syntax_error", 2), (base, "db_missing", 1), (base, "wrong_result", 1),
         (tuned, "db_missing", 1), (tuned, "syntax_error", 1), (tuned, "wrong_result", 1)]
+
+
+def test_the_three_voting_queries_of_the_docstring_answer_correctly(tmp_path):
+    compared, fixed_by_vote, outcomes = list(example_queries().values())[3:]
+    sampling = {"n": 2, "temperature": 0.7, "top_p": 0.95, "seed": 0}
+    with ResultsStore(tmp_path / "r.sqlite") as store:
+        run = store.start_run("baseline_ex", "m", None, CONFIG, "fp")
+        store.add_sql(run, [_sql_row("q1", False, "wrong_result"), _sql_row("q2", True), _sql_row("q3", False)])
+        store.add_candidates(run, sampling, [
+            {"example_key": f"singer::{q}", "candidate_index": j, "extracted_sql": f"SELECT {j}",
+             "fingerprint": "f" if error == "ok" else None, "error": error}
+            for q, errors in (("q1", ("ok", "ok")), ("q2", ("ok", "syntax_error")), ("q3", ("timeout", "ok")))
+            for j, error in enumerate(errors)])
+        store.add_votes(run, sampling, [
+            {"example_key": "singer::q1", "voted_sql": "SELECT 0", "votes": 2, "voters": 3, "changed": True,
+             "correct": True},
+            {"example_key": "singer::q2", "voted_sql": "SELECT 1", "votes": 2, "voters": 2, "changed": False,
+             "correct": True},
+            {"example_key": "singer::q3", "voted_sql": "SELECT 1", "votes": 1, "voters": 2, "changed": True,
+             "correct": False}])
+        side_by_side, fixed, by_outcome = store.query(compared), store.query(fixed_by_vote), store.query(outcomes)
+    assert [(r["n"], r["greedy_ex"], r["voted_ex"], r["changed"]) for r in side_by_side] == [(3, 33.3, 66.7, 2)]
+    assert [(r["example_key"], r["candidate_index"], r["error"]) for r in fixed] == [
+        ("singer::q1", 0, "ok"), ("singer::q1", 1, "ok")]
+    assert [(r["error"], r["n"]) for r in by_outcome] == [("ok", 4), ("syntax_error", 1), ("timeout", 1)]
