@@ -42,9 +42,7 @@ class StageCache:
 
     def save(self, name: str, key: str, result: Any) -> None:
         """Write atomically, so an interrupted write never leaves a half file."""
-        tmp = self.path(name).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": key, "result": result}, indent=1, default=str))
-        os.replace(tmp, self.path(name))
+        write_json(self.path(name), {"fingerprint": key, "result": result})
 
     def run(self, name: str, key: str, compute: Callable[[], Any]) -> Any:
         """The saved result when its inputs match, else (or with force) compute, save and return it.
@@ -63,3 +61,10 @@ class StageCache:
         if distributed.is_main():
             self.save(name, key, result)
         return distributed.broadcast(result)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a temporary file, then a rename), so an interruption never leaves a half file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)

@@ -39,6 +39,7 @@ from typing import Any
 
 from scripts import distributed
 from scripts.errors import UserError
+from scripts.run_state import write_json
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class QLoRATrainer:
             if self.force and run_dir.exists():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json(run_dir / "config.json", {"base_model_id": self.base_model_id,
+            write_json(run_dir / "config.json", {"base_model_id": self.base_model_id,
                                                   "quantization": self.quantization,
                                                   "data_fingerprint": data_fingerprint, "training": config})
         distributed.barrier()  # the run folder is ready (and a forced rerun's old one gone) before anyone reads it
@@ -291,7 +292,7 @@ class QLoRATrainer:
         log.warning("%s; retrying with %d x %d (the same effective batch of %d examples)%s", where, smaller,
                     new["gradient_accumulation_steps"], size * steps,
                     ", from the last checkpoint" if list((run_dir / "checkpoints").glob("checkpoint-*")) else "")
-        _write_json(run_dir / BATCH_FILE, {**new, "reason": where})
+        write_json(run_dir / BATCH_FILE, {**new, "reason": where})
         return new
 
     def _what_to_change(self, config: dict) -> str:
@@ -336,7 +337,7 @@ class QLoRATrainer:
         resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         if resume:
             log.info("run %s: resuming from %s", run_dir.name, resume)
-        session = SessionStats(_seconds_up_to(resume))
+        session = SessionStats.resumed_from(resume)
         trainer = SFTTrainer(
             model=model,
             args=_sft_config({**config, **{k: batch[k] for k in BATCH_KEYS}}, checkpoints),
@@ -377,7 +378,7 @@ class QLoRATrainer:
         }
         saved = {"completed": True, "summary": summary, "loss_curve": loss_curve, "log_history": history}
         if distributed.is_main():
-            _write_json(run_dir / "training_log.json", saved)
+            write_json(run_dir / "training_log.json", saved)
         distributed.barrier()  # adapter and log on disk before any process goes on to read them
         log.info(
             "run %s: loss %s -> %s, %s tokens/s, %.0f s, peak memory %.2f GB (%s), batch %d x %d%s", run_dir.name,
@@ -440,7 +441,6 @@ def _trainable_to_float32(model) -> int:
     return cast
 
 
-ELAPSED_FILE = "elapsed.json"  # in each checkpoint: training seconds up to it, so a resumed run reports its whole time
 
 
 def _drop_padding_mask(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -455,17 +455,6 @@ def _drop_padding_mask(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     if mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all()):
         kwargs["attention_mask"] = None
     return args, kwargs
-
-
-def _seconds_up_to(checkpoint: str | None) -> float:
-    """Training seconds recorded in a checkpoint (0 for a fresh run or a checkpoint without the record)."""
-    if not checkpoint:
-        return 0.0
-    record = Path(checkpoint) / ELAPSED_FILE
-    if not record.exists():
-        log.warning("%s has no %s: the reported training time counts this session only", checkpoint, ELAPSED_FILE)
-        return 0.0
-    return float(json.loads(record.read_text())["seconds"])
 
 
 def _sft_config(config: dict, output_dir: Path):
@@ -518,13 +507,6 @@ def _result(run_dir: Path, saved: dict) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
     return {"run_name": run_dir.name, "adapter_dir": str(run_dir / "adapter"), "config": config["training"],
             "summary": saved["summary"], "loss_curve": saved["loss_curve"]}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
 
 
 def _fmt(value: float | None) -> str:

@@ -5,13 +5,19 @@ imports (peft, and with it bitsandbytes when installed), which the evaluation st
 """
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from scripts.errors import UserError
-from scripts.training import ELAPSED_FILE, _write_json
+from scripts.run_state import write_json
+
+log = logging.getLogger(__name__)
+
+ELAPSED_FILE = "elapsed.json"  # in each checkpoint: training seconds up to it, so a resumed run reports its whole time
 
 
 class SessionStats(TrainerCallback):
@@ -20,6 +26,17 @@ class SessionStats(TrainerCallback):
     def __init__(self, seconds_before: float = 0.0) -> None:
         self.seconds_before = seconds_before
         self.started = time.perf_counter()
+
+    @classmethod
+    def resumed_from(cls, checkpoint: str | None) -> "SessionStats":
+        """Stats that start from the training seconds a checkpoint recorded (0 for a fresh run or no record)."""
+        if not checkpoint:
+            return cls()
+        record = Path(checkpoint) / ELAPSED_FILE
+        if not record.exists():
+            log.warning("%s has no %s: the reported training time counts this session only", checkpoint, ELAPSED_FILE)
+            return cls()
+        return cls(float(json.loads(record.read_text())["seconds"]))
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         self.started = time.perf_counter()
@@ -35,7 +52,7 @@ class SessionStats(TrainerCallback):
     def on_save(self, args, state, control, **kwargs) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            _write_json(folder / ELAPSED_FILE, {"seconds": round(self.seconds(), 3), "step": state.global_step})
+            write_json(folder / ELAPSED_FILE, {"seconds": round(self.seconds(), 3), "step": state.global_step})
 
 
 class StopOnNonFiniteGradients(TrainerCallback):
