@@ -442,6 +442,10 @@ def _load_adapter(model, adapter: str | Path, for_training: bool):
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
 
 
+class DoesNotFit(UserError):
+    """The model's weights ran out of memory as they loaded (the message names the GPU and what to change)."""
+
+
 @contextmanager
 def _load_fits(model_id: str, quantization: str) -> Iterator[None]:
     """Turn an out-of-memory error while the weights load into a UserError naming the GPU and what to change."""
@@ -454,8 +458,8 @@ def _load_fits(model_id: str, quantization: str) -> Iterator[None]:
             raise
         fix = ("set QUANTIZATION to 4bit (main.py, .env or --quantization) or choose a smaller model (BASE_MODEL_ID)"
                if quantization != "4bit" else "choose a smaller model (BASE_MODEL_ID) or a GPU with more memory")
-        raise UserError(f"{model_id!r} does not fit in memory: out of memory while its weights load "
-                        f"({gpu_memory.gpu_memory_text()}); {fix}") from None
+        raise DoesNotFit(f"{model_id!r} does not fit in memory: out of memory while its weights load "
+                         f"({gpu_memory.gpu_memory_text()}); {fix}") from None
 
 
 def load_model_and_tokenizer(
@@ -532,7 +536,14 @@ def load_for_evaluation(model_id: str, adapter: str | Path | None, quantization:
                         "(main.py, .env or --eval-precision)")
     if eval_precision == "4bit":
         return load_model_and_tokenizer(model_id, adapter=adapter, quantization=quantization, token=token)
-    model, tokenizer = load_model_and_tokenizer(model_id, adapter=adapter, quantization="none", token=token)
+    try:
+        model, tokenizer = load_model_and_tokenizer(model_id, adapter=adapter, quantization="none", token=token)
+    except DoesNotFit:
+        from scripts import gpu_memory
+
+        raise UserError(f"{model_id!r} does not fit in memory unquantized, as EVAL_PRECISION=merged loads it (about 2 "
+                        f"bytes per parameter; {gpu_memory.gpu_memory_text()}): set EVAL_PRECISION to 4bit (main.py, "
+                        ".env or --eval-precision) to evaluate as trained") from None
     if adapter is not None:
         model = model.merge_and_unload().eval()
     return model, tokenizer

@@ -305,6 +305,22 @@ def test_merged_evaluation_gives_the_adapters_logits_without_peft(tmp_path):
         models.load_for_evaluation(str(folder), None, "none", "bf16")
 
 
+def test_weights_that_do_not_fit_name_the_setting_to_change(tmp_path, monkeypatch):
+    import transformers
+
+    folder = save_tiny_model(tmp_path / "m", "chatml")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.50 GiB")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    with pytest.raises(UserError, match="does not fit in memory.*QUANTIZATION to 4bit"):
+        models.load_for_evaluation(str(folder), None, "none", "4bit")
+    with pytest.raises(UserError, match="EVAL_PRECISION=merged.*set EVAL_PRECISION to 4bit") as merged:
+        models.load_for_evaluation(str(folder), None, "4bit", "merged")
+    assert "QUANTIZATION" not in str(merged.value)  # merged always loads unquantized: that setting would not help
+
+
 def test_missing_adapter_is_a_user_error(tmp_path):
     folder = save_tiny_model(tmp_path / "m", "chatml")
     with pytest.raises(UserError, match="adapter_config.json"):
