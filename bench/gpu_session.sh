@@ -6,7 +6,8 @@
 #   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit) on the dev questions that have a database
 #   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
 #   profile LAYOUT   ms per decoding step of a seed model at batch 16 (4-bit and bf16, both decoders)
-#   qwen_train   Qwen: one epoch on all of Spider train, EX of the adapter as trained and merged
+#   qwen_train   Qwen: one epoch on all of Spider train (section 13's best config) and the adapter's EX in 4-bit
+#   qwen_merged  the same adapter's EX with EVAL_PRECISION=merged;  qwen_vote  its EX with voting (CANDIDATES=8)
 # Logs and JSON go to $OUT. Sizes are environment variables (defaults in each step).
 set -o pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -45,12 +46,14 @@ bitsandbytes.__version__)"
         --quantization $q --decoders hf,prune --max-new-tokens "${STEPS:-64}" --out "$OUT" 2>&1 | quiet | tail -n 6
       cp "$OUT/profile_generation.json" "$OUT/profile_${2}_$q.json"
     done ;;
-  qwen_train)
-    for precision in 4bit merged; do  # the best config of section 13 (62.1% EX there)
-      timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model /tmp/m/qwen.gguf "${data[@]}" --results-dir /tmp/r_qwen --sample-size-train all \
-        --sample-size-eval all --eval-batch-size 256 --training-configs bench/configs/qwen_2e-4.json --eval-precision $precision \
-        --stages data,preprocess,train,eval_adapters 2>&1 | quiet | grep -i "EX \|training\|error\|took\|tokens/s" \
-        | tail -n 12
-    done ;;
+  qwen_train|qwen_merged|qwen_vote)  # the best config of section 13 (62.1% EX there), then EX merged, then voting
+    extra=(--eval-precision 4bit --stages data,preprocess,train,eval_adapters)
+    [ "$1" = qwen_merged ] && extra=(--eval-precision merged --stages data,eval_adapters)
+    [ "$1" = qwen_vote ] && extra=(--num-candidates "${CANDIDATES:-8}" --stages data,eval_adapters)
+    timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model /tmp/m/qwen.gguf "${data[@]}" --results-dir /tmp/r_qwen \
+      --sample-size-train all --sample-size-eval all --eval-batch-size "${EVAL_BATCH:-256}" \
+      --training-configs bench/configs/qwen_2e-4.json "${extra[@]}" 2>&1 | quiet \
+      | grep -i "EX \|voted\|training\|error\|tokens/s" | tail -n 12
+    cp /tmp/r_qwen/stages/*.json "$OUT/" 2>/dev/null ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
