@@ -202,7 +202,6 @@ def run_query(
     return QueryResult(rows)
 
 
-
 _syntax_only = threading.local()  # an empty in-memory database per thread: names are unknown, grammar is checked
 
 

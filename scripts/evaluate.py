@@ -226,7 +226,7 @@ def vote_and_score(examples: Sequence[dict], keys: list[str], layout: SpiderLayo
 
 def sampling_config(sampling: Sampling) -> dict:
     """The sampling settings of a vote, as stored with its candidates (n, temperature, top_p, seed)."""
-    return {"n": sampling.n, "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed}
+    return dataclasses.asdict(sampling)
 
 
 def vote_sampling(settings) -> Sampling | None:
@@ -410,7 +410,6 @@ def _ex_key(settings, layout: SpiderLayout, examples, adapter) -> str:
 
 def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
     """Reload the best adapter, regenerate SQL for n stored examples of the first set; agreement with the store, EX."""
-    import os
     import random
 
     from scripts.models import load_for_evaluation

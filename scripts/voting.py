@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from math import factorial, prod
 from pathlib import Path
 
-from custom_metrics.execution_accuracy import EMPTY, executed_sql, order_matters, read_prediction
+from custom_metrics.execution_accuracy import DB_MISSING, EMPTY, executed_sql, order_matters, read_prediction
 from custom_metrics.safe_sqlite import EXEC_ERROR, OK, run_query
 
-DB_MISSING = "db_missing"
 # Columns whose values are the same bag can be swapped by the metric's column permutation; the canonical form
 # tries every order of such columns up to this many, then orders the rest by their values (not exact beyond it).
 MAX_ORDERS = 5040
