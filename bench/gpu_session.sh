@@ -4,10 +4,12 @@
 #   env          versions and GPU
 #   smol_mmlu    SmolLM2-135M-Instruct in bf16 (--quantization none) on all 14,042 MMLU questions; its exact ties
 #   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit) on the dev questions that have a database
+#   seed_build   build both seed models into /tmp/seed (start it detached: setsid, while other calls stage)
 #   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
 #   profile LAYOUT   ms per decoding step of a seed model at batch 16 (4-bit and bf16, both decoders)
 #   qwen_train   Qwen: one epoch on all of Spider train (section 13's best config) and the adapter's EX in 4-bit
-#   qwen_merged  the same adapter's EX with EVAL_PRECISION=merged;  qwen_vote  its EX with voting (CANDIDATES=8)
+#   qwen_merged  the same adapter's EX with EVAL_PRECISION=merged
+#   qwen_vote    its greedy and voted EX (CANDIDATES=8, PRECISION=merged by default: greedy merged beside it)
 # Logs and JSON go to $OUT. Sizes are environment variables (defaults in each step).
 set -o pipefail
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -32,11 +34,15 @@ bitsandbytes.__version__)"
     python3 -m bench.bench_generation /tmp/m/qwen.gguf /tmp/data/spider_data.zip --n "${N:-1034}" \
       --quantization 4bit --only "${ONLY:-batch 256 pruned,batch 1024}" \
       --out "$OUT" 2>&1 | quiet | tail -n 20 ;;
+  seed_build)
+    [ -d /tmp/sp/spider_data ] || python3 -c "import zipfile; zipfile.ZipFile('/tmp/data/spider_data.zip').extractall('/tmp/sp')"
+    for layout in ${LAYOUTS:-mistral_7b open_llama_3b}; do
+      [ -f "/tmp/seed/$layout/config.json" ] || python3 -m bench.seed_models "$layout" --out "/tmp/seed/$layout" \
+        --corpus /tmp/sp/spider_data 2>&1 | quiet | tail -n 5
+    done ;;
   seed)
     layout=$2 gib=$3; shift 3
-    [ -d /tmp/sp/spider_data ] || python3 -c "import zipfile; zipfile.ZipFile('/tmp/data/spider_data.zip').extractall('/tmp/sp')"
-    [ -f "/tmp/seed/$layout/config.json" ] || python3 -m bench.seed_models "$layout" --out "/tmp/seed/$layout" \
-      --corpus /tmp/sp/spider_data 2>&1 | quiet | tail -n 5
+    [ -f "/tmp/seed/$layout/config.json" ] || LAYOUTS=$layout bash "$0" seed_build
     python3 -m bench.capped_run --gpu-gb "$gib" --out "$OUT/${layout}_${gib}gb.json" -- --model "/tmp/seed/$layout" \
       "${data[@]}" --results-dir "/tmp/r_${layout}_${gib}" --sample-size-train "${TRAIN:-300}" \
       --sample-size-eval "${EVAL:-100}" --mmlu-per-subject "${MMLU:-3}" --force "$@" 2>&1 | quiet | tail -n 40 ;;
@@ -49,7 +55,8 @@ bitsandbytes.__version__)"
   qwen_train|qwen_merged|qwen_vote)  # the best config of section 13 (62.1% EX there), then EX merged, then voting
     extra=(--eval-precision 4bit --stages data,preprocess,train,eval_adapters)
     [ "$1" = qwen_merged ] && extra=(--eval-precision merged --stages data,eval_adapters)
-    [ "$1" = qwen_vote ] && extra=(--num-candidates "${CANDIDATES:-8}" --stages data,eval_adapters)
+    [ "$1" = qwen_vote ] && extra=(--num-candidates "${CANDIDATES:-8}" --eval-precision "${PRECISION:-merged}" \
+      --stages data,eval_adapters)
     timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model /tmp/m/qwen.gguf "${data[@]}" --results-dir /tmp/r_qwen \
       --sample-size-train all --sample-size-eval all --eval-batch-size "${EVAL_BATCH:-256}" \
       --training-configs bench/configs/qwen_2e-4.json "${extra[@]}" 2>&1 | quiet \
