@@ -526,9 +526,9 @@ def keep_last_logits(model, keep: int) -> dict:
 
 def load_for_evaluation(model_id: str, adapter: str | Path | None, quantization: str, eval_precision: str,
                         token: str | None = None):
-    """(model, tokenizer) for the EX and MMLU stages: "4bit" as trained (QUANTIZATION's choice), or "merged":
-    the base model unquantized (bf16 on a GPU) with the adapter merged into its weights (faster decoding, about
-    2 bytes per parameter of GPU memory)."""
+    """(model, tokenizer) for the EX and MMLU stages: "4bit" as trained (QUANTIZATION's choice), or "merged": the
+    adapter merged into the base weights it was trained on, unquantized (faster decoding, about 2 bytes per
+    parameter of GPU memory)."""
     from scripts.settings import EVAL_PRECISIONS
 
     if eval_precision not in EVAL_PRECISIONS:
@@ -536,17 +536,24 @@ def load_for_evaluation(model_id: str, adapter: str | Path | None, quantization:
                         "(main.py, .env or --eval-precision)")
     if eval_precision == "4bit":
         return load_model_and_tokenizer(model_id, adapter=adapter, quantization=quantization, token=token)
+    trained_on = choose_quantization(quantization)[0]
     try:
-        model, tokenizer = load_model_and_tokenizer(model_id, adapter=adapter, quantization="none", token=token)
+        model, tokenizer = load_model_and_tokenizer(model_id, quantization=trained_on, token=token)
+        if trained_on == "4bit":
+            # an adapter trained on NF4 weights learned their rounding: merging it into the original weights
+            # instead lost 3 EX points on Qwen2.5-Coder-0.5B (docs/RESULTS.md, section 19)
+            with _load_fits(str(model_id), "4bit"):
+                model = model.dequantize(dtype=precision(torch.cuda.is_available()).dtype)
+            model.is_loaded_in_4bit = False  # transformers leaves the flag set; PEFT reads it when it wraps layers
     except DoesNotFit:
         from scripts import gpu_memory
 
-        raise UserError(f"{model_id!r} does not fit in memory unquantized, as EVAL_PRECISION=merged loads it (about 2 "
+        raise UserError(f"{model_id!r} does not fit in memory unquantized, as EVAL_PRECISION=merged needs it (about 2 "
                         f"bytes per parameter; {gpu_memory.gpu_memory_text()}): set EVAL_PRECISION to 4bit (main.py, "
                         ".env or --eval-precision) to evaluate as trained") from None
     if adapter is not None:
-        model = model.merge_and_unload().eval()
-    return model, tokenizer
+        model = _load_adapter(model, adapter, for_training=False).merge_and_unload()
+    return model.eval(), tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------
