@@ -8,7 +8,8 @@
 #   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
 #   profile LAYOUT   ms per decoding step of a seed model at batch 16 (4-bit and bf16, both decoders)
 #   qwen_train   Qwen: one epoch on all of Spider train (section 13's best config) and the adapter's EX in 4-bit
-#   qwen_merged  the same adapter's EX with EVAL_PRECISION=merged
+#   qwen_merged  the same adapter's EX with EVAL_PRECISION=merged (EVAL_BATCH: the pass time at other batch sizes)
+#   smol_train   SmolLM2: one epoch on all of Spider train (section 1's best config on one GPU, 25.8% EX there)
 #   qwen_vote    its greedy and voted EX (CANDIDATES=8, PRECISION=merged by default: greedy merged beside it)
 # Logs and JSON go to $OUT. Sizes are environment variables (defaults in each step).
 set -o pipefail
@@ -61,6 +62,12 @@ bitsandbytes.__version__)"
       --sample-size-train all --sample-size-eval all --eval-batch-size "${EVAL_BATCH:-256}" \
       --training-configs bench/configs/qwen_2e-4.json "${extra[@]}" 2>&1 | quiet \
       | grep -i "EX \|voted\|training\|error\|tokens/s" | tail -n 12
-    cp /tmp/r_qwen/stages/*.json "$OUT/" 2>/dev/null ;;
+    for f in /tmp/r_qwen/stages/*.json; do b=$(basename "$f"); cp "$f" "$OUT/${1}_${b//@/__}"; done ;;  # '@' does not come back
+  smol_train)  # section 1's best config (lr 1e-3, effective batch 16) on one GPU, and its EX in 4-bit
+    timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model /tmp/m/smollm2.gguf "${data[@]}" --results-dir /tmp/r_smol \
+      --sample-size-train all --sample-size-eval all --eval-batch-size "${EVAL_BATCH:-256}" \
+      --training-configs bench/configs/smollm2_1e-3.json --stages data,preprocess,train,eval_adapters 2>&1 | quiet \
+      | grep -i "EX \|training\|error\|tokens/s" | tail -n 12
+    for f in /tmp/r_smol/stages/*.json; do b=$(basename "$f"); cp "$f" "$OUT/smol_${b//@/__}"; done ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
