@@ -33,7 +33,7 @@ MAX_NEW_TOKENS = 160
 SQL_TIMEOUT_S = 30.0  # per query, enforced inside SQLite
 SCHEMA_SAMPLE_ROWS = 0  # sample rows per table in the prompt's schema
 QUANTIZATION = "auto"  # auto: 4-bit NF4 on CUDA, plain float32 LoRA on CPU; or "4bit" / "none"
-EVAL_PRECISION = "4bit"  # "4bit": evaluate as trained; "merged": base unquantized, adapter merged (faster, more memory)
+EVAL_PRECISION = "4bit"  # "4bit": as trained; "merged": adapter merged into the weights it trained on (faster, more memory)
 SEED = 0
 NUM_CANDIDATES = 0  # execution-guided voting: sampled SQL candidates per question (e.g. 8); 0 or 1 = off
 VOTE_TEMPERATURE = 0.7  # sampling of the candidates

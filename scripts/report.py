@@ -82,7 +82,7 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         f"train sample {s['sample_size_train'] or 'all'}; "
         f"MMLU {s['mmlu_k_shot']}-shot, {s['mmlu_per_subject'] or 'all'} per subject. Evaluated "
         + ("as trained (quantization " + str(s.get("quantization")) + ")" if s.get("eval_precision", "4bit") == "4bit"
-           else "unquantized, adapters merged into the weights (EVAL_PRECISION=merged)") + ".",
+           else "unquantized, adapters merged into the weights they were trained on (EVAL_PRECISION=merged)") + ".",
         "",
         f"## Execution accuracy (`{first}`) and MMLU",
         "",

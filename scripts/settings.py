@@ -135,7 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sql-timeout", dest="sql_timeout_s", type=float, help="seconds per SQL query (> 0)")
     p.add_argument("--quantization", choices=QUANTIZATIONS)
     p.add_argument("--eval-precision", choices=EVAL_PRECISIONS,
-                   help="4bit: evaluate as trained; merged: base unquantized, adapter merged (faster, more memory)")
+                   help="4bit: evaluate as trained; merged: the adapter merged into the weights it was trained on, "
+                        "unquantized (faster, more memory)")
     p.add_argument("--ft-dataset", dest="path_ft_dataset", type=Path, metavar="FILE",
                    help="input: your train set, a JSON list or JSON lines of {question, query, db_id} "
                         "(default: Spider train)")

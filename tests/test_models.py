@@ -324,7 +324,7 @@ def test_merged_evaluation_of_a_4bit_adapter_merges_into_the_nf4_weights_it_was_
     reference = _logits(as_trained, tokenizer)
     merged_error = (_logits(merged, tokenizer) - reference).abs().max()
     original_error = (_logits(into_original, tokenizer) - reference).abs().max()
-    print(f"max logit difference from the 4-bit model: merged {merged_error:.2e}, into the original {original_error:.2e}")
+    print(f"max logit difference from the 4-bit model: merged {merged_error:.2e}, original {original_error:.2e}")
     # the NF4 rounding is part of what the adapter was trained with: merged keeps it, the original weights do not.
     # (bitsandbytes' CPU kernel is not exact float32 arithmetic: ~2e-3 per layer, hence no tighter bound)
     assert merged_error < 5e-3 and merged_error < original_error / 10
