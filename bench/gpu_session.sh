@@ -19,6 +19,14 @@ mkdir -p "$OUT"
 quiet() { grep -v "it/s]\|s/it]\|batch/s]\|q/s]\|examples/s]\|B/s]"; }
 data=(--spider-zip /tmp/data/spider_data.zip --mmlu /tmp/data/mmlu)
 
+full_run() {  # STEP MODEL RESULTS CONFIG [MAIN ARGS]: main.py on all of Spider, stopped (resumable) at STOP_AFTER
+  local step=$1 model=$2 results=$3 config=$4; shift 4
+  timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model "$model" "${data[@]}" --results-dir "$results" \
+    --sample-size-train all --sample-size-eval all --eval-batch-size "${EVAL_BATCH:-256}" \
+    --training-configs "$config" "$@" 2>&1 | quiet | grep -i "EX \|voted\|training\|error\|tokens/s" | tail -n 12
+  for f in "$results"/stages/*.json; do b=$(basename "$f"); cp "$f" "$OUT/${step}_${b//@/__}"; done  # '@' does not come back
+}
+
 case $1 in
   env)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -58,16 +66,9 @@ bitsandbytes.__version__)"
     [ "$1" = qwen_merged ] && extra=(--eval-precision merged --stages data,eval_adapters)
     [ "$1" = qwen_vote ] && extra=(--num-candidates "${CANDIDATES:-8}" --eval-precision "${PRECISION:-merged}" \
       --stages data,eval_adapters)
-    timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model /tmp/m/qwen.gguf "${data[@]}" --results-dir /tmp/r_qwen \
-      --sample-size-train all --sample-size-eval all --eval-batch-size "${EVAL_BATCH:-256}" \
-      --training-configs bench/configs/qwen_2e-4.json "${extra[@]}" 2>&1 | quiet \
-      | grep -i "EX \|voted\|training\|error\|tokens/s" | tail -n 12
-    for f in /tmp/r_qwen/stages/*.json; do b=$(basename "$f"); cp "$f" "$OUT/${1}_${b//@/__}"; done ;;  # '@' does not come back
+    full_run "$1" /tmp/m/qwen.gguf /tmp/r_qwen bench/configs/qwen_2e-4.json "${extra[@]}" ;;
   smol_train)  # section 1's best config (lr 1e-3, effective batch 16) on one GPU, and its EX in 4-bit
-    timeout -s INT "${STOP_AFTER:-560}" python3 main.py --model /tmp/m/smollm2.gguf "${data[@]}" --results-dir /tmp/r_smol \
-      --sample-size-train all --sample-size-eval all --eval-batch-size "${EVAL_BATCH:-256}" \
-      --training-configs bench/configs/smollm2_1e-3.json --stages data,preprocess,train,eval_adapters 2>&1 | quiet \
-      | grep -i "EX \|training\|error\|tokens/s" | tail -n 12
-    for f in /tmp/r_smol/stages/*.json; do b=$(basename "$f"); cp "$f" "$OUT/smol_${b//@/__}"; done ;;
+    full_run "$1" /tmp/m/smollm2.gguf /tmp/r_smol bench/configs/smollm2_1e-3.json \
+      --stages data,preprocess,train,eval_adapters ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

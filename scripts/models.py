@@ -477,8 +477,8 @@ def load_model_and_tokenizer(
     """(model, tokenizer) for a Hub id, local folder or .gguf; 4-bit NF4 or full precision; optional PEFT adapter.
 
     The tokenizer has a pad token and padding_side="left" (use_fast=None: see default_use_fast); attn_implementation
-    (e.g. "eager") overrides the model's default attention. For training with 4-bit the model goes through peft.prepare_model_for_kbit_training
-    (gradient checkpointing as given); otherwise the model is in eval mode.
+    (e.g. "eager") overrides the model's default attention. For training with 4-bit the model goes through
+    peft.prepare_model_for_kbit_training (gradient checkpointing as given); otherwise the model is in eval mode.
     """
     from transformers import AutoModelForCausalLM
 

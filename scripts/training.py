@@ -248,8 +248,8 @@ class QLoRATrainer:
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_dir / "config.json", {"base_model_id": self.base_model_id,
-                                                  "quantization": self.quantization,
-                                                  "data_fingerprint": data_fingerprint, "training": config})
+                                                 "quantization": self.quantization,
+                                                 "data_fingerprint": data_fingerprint, "training": config})
         distributed.barrier()  # the run folder is ready (and a forced rerun's old one gone) before anyone reads it
         _import_trainer()
         batch = distributed.broadcast(settled_batch(run_dir, config))
@@ -439,8 +439,6 @@ def _trainable_to_float32(model) -> int:
             parameter.data = parameter.data.float()
             cast += 1
     return cast
-
-
 
 
 def _drop_padding_mask(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -343,7 +343,7 @@ def test_weights_that_do_not_fit_name_the_setting_to_change(tmp_path, monkeypatc
         models.load_for_evaluation(str(folder), None, "none", "4bit")
     with pytest.raises(UserError, match="EVAL_PRECISION=merged.*set EVAL_PRECISION to 4bit") as merged:
         models.load_for_evaluation(str(folder), None, "4bit", "merged")
-    assert "QUANTIZATION" not in str(merged.value)  # merged always loads unquantized: that setting would not help
+    assert "QUANTIZATION" not in str(merged.value)  # merged ends unquantized whatever it says: it would not help
 
 
 def test_missing_adapter_is_a_user_error(tmp_path):
