@@ -2,8 +2,10 @@
 
 Usage: python -m bench.bench_generation MODEL SPIDER_ZIP [--n N] [--quantization none|4bit] [--adapter DIR]
     [--eval-precision 4bit|merged] [--only NAME,...] [--out DIR]
-Every variant generates greedily for the same N dev prompts; printed: seconds, ratio to the reference, and how
-many answers are identical to the reference's (greedy decoding in other batch shapes can flip near-ties in bf16).
+Every variant generates greedily for the same N dev prompts; printed: seconds, ratio to the reference, how many
+answers are identical to the reference's (greedy decoding in other batch shapes can flip near-ties in bf16), and
+the variant's EX with the examples it gets right that the reference gets wrong and the reverse (what the
+differences cost).
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import argparse
 from pathlib import Path
 
 from bench import save_json, timed
-from scripts.evaluate import build_prompts
+from scripts.evaluate import build_prompts, score
 from scripts.generation import generate
 from scripts.models import load_for_evaluation
-from scripts.spider_data import load_split, prepare_spider
+from scripts.spider_data import SpiderLayout, load_split, prepare_spider
+from scripts.sql_extraction import extract_sql
 
 VARIANTS = {  # name: (batch size, extra generate arguments); the first is the reference (names hold no comma)
     "batch 256 model.generate (the pipeline until 2026-12-03)": (256, {"decoder": "hf"}),
@@ -25,6 +28,12 @@ VARIANTS = {  # name: (batch size, extra generate arguments); the first is the r
     "batch 16 pruned": (16, {"decoder": "prune"}),
     "batch 256 static cache (compiled) model.generate": (256, {"decoder": "hf", "cache_implementation": "static"}),
 }
+
+
+def correct_flags(texts: list[str], examples: list[dict], layout: SpiderLayout) -> list[bool]:
+    """Whether each answer's extracted SQL gives the gold query's result (the pipeline's extraction and metric)."""
+    sqls = [extract_sql(t, layout.db_path(e["db_id"])) for t, e in zip(texts, examples)]
+    return [bool(r["correct"]) for r in score(examples, sqls, layout)["per_example"]]
 
 
 def main() -> None:
@@ -54,15 +63,21 @@ def main() -> None:
             continue
         texts, seconds = timed(lambda: generate(model, tokenizer, prompts, batch_size=batch_size,
                                                 max_new_tokens=args.max_new_tokens, **extra))
-        reference = reference or (texts, seconds)
+        correct = correct_flags(texts, examples, layout)
+        reference = reference or (texts, seconds, correct)
         same = sum(a == b for a, b in zip(texts, reference[0]))
+        gained = sum(c and not r for c, r in zip(correct, reference[2]))
+        lost = sum(r and not c for c, r in zip(correct, reference[2]))
         rows.append({"variant": name, "seconds": round(seconds, 2), "ratio": reference[1] / seconds,
-                     "identical": same, "n": len(texts)})
+                     "identical": same, "n": len(texts), "ex": round(100 * sum(correct) / len(correct), 2),
+                     "gained": gained, "lost": lost})
         save_json(args.out, "bench_generation.json", rows)  # kept if a later variant runs out of time or memory
-        print(f"{name}: {seconds:.1f} s, {same}/{len(texts)} identical to the reference", flush=True)
-    print(f"{'variant':60} {'seconds':>8} {'speed-up':>8} {'identical':>10}")
+        print(f"{name}: {seconds:.1f} s, {same}/{len(texts)} identical to the reference, EX {rows[-1]['ex']}% "
+              f"(+{gained} -{lost})", flush=True)
+    print(f"{'variant':60} {'seconds':>8} {'speed-up':>8} {'identical':>10} {'EX %':>6} {'+/-':>8}")
     for r in rows:
-        print(f"{r['variant']:60} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']}")
+        print(f"{r['variant']:60} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']} "
+              f"{r['ex']:6.1f} {'+' + str(r['gained']) + ' -' + str(r['lost']):>8}")
     save_json(args.out, "bench_generation.json", rows)
 
 

@@ -3,7 +3,7 @@
 # /tmp/site, /tmp/data and the GGUFs in /tmp/m first). Usage: bash bench/gpu_session.sh STEP, STEP one of
 #   env          versions and GPU
 #   smol_mmlu    SmolLM2-135M-Instruct in bf16 (--quantization none) on all 14,042 MMLU questions; its exact ties
-#   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit) on the dev questions that have a database
+#   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit; ADAPTER, PRECISION) on dev questions with a database
 #   seed_build   build both seed models into /tmp/seed (start it detached: setsid, while other calls stage)
 #   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
 #   profile LAYOUT   ms per decoding step of a seed model at batch 16 (4-bit and bf16, both decoders)
@@ -41,8 +41,8 @@ bitsandbytes.__version__)"
     python3 -m bench.mmlu_ties /tmp/r_smol/results.sqlite ;;
   qwen_gen)
     python3 -m bench.bench_generation /tmp/m/qwen.gguf /tmp/data/spider_data.zip --n "${N:-1034}" \
-      --quantization 4bit --only "${ONLY:-batch 256 pruned,batch 1024}" \
-      --out "$OUT" 2>&1 | quiet | tail -n 20 ;;
+      --quantization 4bit --only "${ONLY:-batch 256 pruned,batch 1024}" ${ADAPTER:+--adapter "$ADAPTER"} \
+      --eval-precision "${PRECISION:-4bit}" --out "$OUT" 2>&1 | quiet | tail -n 20 ;;
   seed_build)
     [ -d /tmp/sp/spider_data ] || python3 -c "import zipfile; zipfile.ZipFile('/tmp/data/spider_data.zip').extractall('/tmp/sp')"
     for layout in ${LAYOUTS:-mistral_7b open_llama_3b}; do
