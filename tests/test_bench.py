@@ -81,3 +81,14 @@ def test_seed_models_and_capped_run_smoke(tmp_path, monkeypatch):
     assert {"data", "baseline_ex", "preprocess", "train"} <= set(ran) and ran["train"]["seconds"] > 0
     (run,) = record["training_runs"].values()
     assert (run["per_device_train_batch_size"], run["gradient_accumulation_steps"], run["oom_retries"]) == (2, 1, 0)
+
+
+def test_generation_bench_scores_each_answer_with_the_pipelines_extraction_and_metric(tmp_path):
+    from bench.bench_generation import correct_flags
+    from scripts.spider_data import prepare_spider
+    from tests.test_spider_data import make_spider_folder
+
+    layout = prepare_spider(make_spider_folder(tmp_path / "spider"), tmp_path / "unused")
+    dev = [{"question": "q", "query": "SELECT name FROM singer", "db_id": "concert"}] * 3
+    texts = ["```sql\nSELECT name FROM singer\n```", "SELECT age FROM singer", "I cannot answer that."]
+    assert correct_flags(texts, dev, layout) == [True, False, False]
