@@ -1,7 +1,7 @@
 """Where Spider dev generation spends its time: the prefill against the decoding steps, per batch.
 
 Usage: python -m bench.profile_generation MODEL SPIDER_ZIP [--batch-sizes 256,1024] [--quantization none]
-    [--max-new-tokens 160] [--n N] [--decoders hf,prune] [--out DIR]
+    [--adapter DIR] [--eval-precision 4bit|merged] [--max-new-tokens 160] [--n N] [--decoders hf,prune] [--out DIR]
 For each batch size it generates the answers of the dev questions that have a database twice, with the
 pipeline's code: once with one new token (the prefill and one step), once with --max-new-tokens. Printed per
 batch: its size and longest prompt, both times, the decoding steps it ran (its longest answer in tokens, plus
@@ -15,7 +15,7 @@ from pathlib import Path
 from bench import save_json
 from scripts.evaluate import build_prompts
 from scripts.generation import generate
-from scripts.models import load_model_and_tokenizer
+from scripts.models import load_for_evaluation
 from scripts.spider_data import load_split, prepare_spider
 
 
@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("spider_zip", type=Path)
     p.add_argument("--batch-sizes", default="256,1024")
     p.add_argument("--quantization", default="none")
+    p.add_argument("--adapter", default=None, help="a trained adapter folder (results/<run>/adapter)")
+    p.add_argument("--eval-precision", default="4bit", help="4bit (as --quantization) or merged (scripts/models.py)")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--n", type=int, default=None, help="only the first N dev questions that have a database")
@@ -58,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     layout = prepare_spider(args.spider_zip, Path("data/spider_data"))
     examples = [e for e in load_split(layout, "dev") if layout.db_path(e["db_id"])][: args.n]
-    model, tokenizer = load_model_and_tokenizer(args.model, quantization=args.quantization)
+    model, tokenizer = load_for_evaluation(args.model, args.adapter, args.quantization, args.eval_precision)
     prompts = build_prompts(tokenizer, examples, layout)
     generate(model, tokenizer, prompts[:8], batch_size=8, max_new_tokens=4)  # warm-up: the first batch is not timed cold
     rows = []
