@@ -13,11 +13,10 @@ import argparse
 from pathlib import Path
 
 from bench import save_json, timed
-from scripts.evaluate import build_prompts, score
+from scripts.evaluate import build_prompts, extract_answers, score
 from scripts.generation import generate
 from scripts.models import load_for_evaluation
 from scripts.spider_data import SpiderLayout, load_split, prepare_spider
-from scripts.sql_extraction import extract_sql
 
 VARIANTS = {  # name: (batch size, extra generate arguments); the first is the reference (names hold no comma)
     "batch 256 model.generate (the pipeline until 2026-12-03)": (256, {"decoder": "hf"}),
@@ -32,8 +31,8 @@ VARIANTS = {  # name: (batch size, extra generate arguments); the first is the r
 
 def correct_flags(texts: list[str], examples: list[dict], layout: SpiderLayout) -> list[bool]:
     """Whether each answer's extracted SQL gives the gold query's result (the pipeline's extraction and metric)."""
-    sqls = [extract_sql(t, layout.db_path(e["db_id"])) for t, e in zip(texts, examples)]
-    return [bool(r["correct"]) for r in score(examples, sqls, layout)["per_example"]]
+    per_example = score(examples, extract_answers(texts, examples, layout), layout)["per_example"]
+    return [bool(r["correct"]) for r in per_example]
 
 
 def main() -> None:
@@ -77,7 +76,7 @@ def main() -> None:
     print(f"{'variant':60} {'seconds':>8} {'speed-up':>8} {'identical':>10} {'EX %':>6} {'+/-':>8}")
     for r in rows:
         print(f"{r['variant']:60} {r['seconds']:8.1f} {r['ratio']:8.2f} {r['identical']:>5}/{r['n']} "
-              f"{r['ex']:6.1f} {'+' + str(r['gained']) + ' -' + str(r['lost']):>8}")
+              f"{r['ex']:6.1f} {'+%d -%d' % (r['gained'], r['lost']):>8}")
     save_json(args.out, "bench_generation.json", rows)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/RESULTS.md sections 16-19, one device call per step (../shared/gpu/README.md stages
+# The GPU measurements of docs/RESULTS.md sections 16-21, one device call per step (../shared/gpu/README.md stages
 # /tmp/site, /tmp/data and the GGUFs in /tmp/m first). Usage: bash bench/gpu_session.sh STEP, STEP one of
 #   env          versions and GPU
 #   smol_mmlu    SmolLM2-135M-Instruct in bf16 (--quantization none) on all 14,042 MMLU questions; its exact ties

@@ -33,6 +33,11 @@ def build_prompts(tokenizer, examples: Sequence[dict], layout: SpiderLayout, sam
     return prompts
 
 
+def extract_answers(texts: Sequence[str | None], examples: Sequence[dict], layout: SpiderLayout) -> list[str]:
+    """The SQL of each answer text, extracted against its example's database (a missing text gives "")."""
+    return [extract_sql(text or "", layout.db_path(e["db_id"])) for text, e in zip(texts, examples)]
+
+
 def score(
     examples: Sequence[dict], sqls: Sequence[str], layout: SpiderLayout, *, timeout: float = 30.0
 ) -> dict:
@@ -97,7 +102,7 @@ def evaluate_text_to_sql(
     if answers is None:  # another process of a launch: the main process scores
         return None
     raw, latency = [a[0] for a in answers], [a[1] for a in answers]
-    sqls = [extract_sql(text or "", layout.db_path(e["db_id"])) for text, e in zip(raw, examples)]
+    sqls = extract_answers(raw, examples, layout)
     summary = score(examples, sqls, layout, timeout=timeout)
     if store:
         rows = []
@@ -190,7 +195,7 @@ def vote_and_score(examples: Sequence[dict], keys: list[str], layout: SpiderLayo
 
     start = time.perf_counter()
     texts = [c[0] for c in candidates]
-    candidate_sqls = [[extract_sql(t or "", layout.db_path(e["db_id"])) for t in ts] for ts, e in zip(texts, examples)]
+    candidate_sqls = [extract_answers(ts, [e] * len(ts), layout) for ts, e in zip(texts, examples)]
     db_files = {e["db_id"]: database_files(layout.database_dir, e["db_id"]) or [] for e in examples}
 
     def one(i: int) -> Vote:
@@ -428,7 +433,7 @@ def evaluate_sample_live(results: dict, db_path: Path, n: int) -> dict:
                                            s.get("eval_precision", "4bit"), token=os.environ.get("HF_TOKEN"))
     prompts = build_prompts(tokenizer, examples, layout, s["schema_sample_rows"])
     texts = generate(model, tokenizer, prompts, batch_size=s["eval_batch_size"], max_new_tokens=s["max_new_tokens"])
-    sqls = [extract_sql(t or "", layout.db_path(e["db_id"])) for t, e in zip(texts, examples)]
+    sqls = extract_answers(texts, examples, layout)
     live = score(examples, sqls, layout, timeout=s["sql_timeout_s"])["per_example"]
     return {
         "n": len(sample),
