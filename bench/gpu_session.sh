@@ -6,7 +6,7 @@
 #   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit; ADAPTER, PRECISION) on dev questions with a database
 #   seed_build   build both seed models into /tmp/seed (start it detached: setsid, while other calls stage)
 #   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
-#   profile LAYOUT   ms per decoding step of a seed model at batch 16 (4-bit and bf16, both decoders)
+#   profile LAYOUT   ms per decoding step of a seed model at batch 16 (QUANTIZATIONS, DECODERS, ATTENTIONS)
 #   qwen_train   Qwen: one epoch on all of Spider train (section 13's best config) and the adapter's EX in 4-bit
 #   qwen_merged  the same adapter's EX with EVAL_PRECISION=merged (EVAL_BATCH: the pass time at other batch sizes)
 #   smol_train   SmolLM2: one epoch on all of Spider train (section 1's best config on one GPU, 25.8% EX there)
@@ -56,9 +56,10 @@ bitsandbytes.__version__)"
       "${data[@]}" --results-dir "/tmp/r_${layout}_${gib}" --sample-size-train "${TRAIN:-300}" \
       --sample-size-eval "${EVAL:-100}" --mmlu-per-subject "${MMLU:-3}" --force "$@" 2>&1 | quiet | tail -n 40 ;;
   profile)  # ms per decoding step of a seed model at batch 16, 4-bit and unquantized bf16, both decoders
-    for q in 4bit none; do
+    for q in ${QUANTIZATIONS:-4bit none}; do
       python3 -m bench.profile_generation "/tmp/seed/$2" /tmp/data/spider_data.zip --batch-sizes 16 --n 32 \
-        --quantization $q --decoders hf,prune --max-new-tokens "${STEPS:-64}" --out "$OUT" 2>&1 | quiet | tail -n 6
+        --quantization $q --decoders "${DECODERS:-hf,prune}" --attentions "${ATTENTIONS:-grouped}" \
+        --max-new-tokens "${STEPS:-64}" --out "$OUT" 2>&1 | quiet | tail -n 12
       cp "$OUT/profile_generation.json" "$OUT/profile_${2}_$q.json"
     done ;;
   qwen_train|qwen_merged|qwen_vote)  # the best config of section 13 (62.1% EX there), then EX merged, then voting

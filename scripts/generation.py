@@ -8,22 +8,33 @@ Two decoders give the same greedy answers for the same batch (a test checks it o
   `generate_kwargs` reach it, e.g. cache_implementation="static" for a compiled static cache.
 An answer ends at a stop token (eos, the template's end of turn) or, in the plain format, at a stop string
 (scripts/prompts.py: PLAIN_STOPS), where it is cut. On CUDA out-of-memory a batch is split in halves.
+Both decode through GROUPED_SDPA where the model runs sdpa: with a padding mask, transformers' sdpa copies each
+key/value head of a grouped-query model once per query head at every layer and step (7x the cache for Qwen2.5's
+14 query heads on 2 key/value heads); a decoding step's one query position lets the query heads of a group stand
+as query positions of their shared head instead (the same attention, no copy). The pruned decoder also writes each
+step's keys and values into room made after the prefill (RoomyLayer) where transformers concatenates the whole
+cache anew at every step.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import AttentionInterface, StoppingCriteria, StoppingCriteriaList
+from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from scripts.gpu_memory import split_on_oom
 from scripts.models import keep_last_logits
 from scripts.prompts import end_of_turn, stop_strings
 
 DECODERS = ("prune", "hf")
+GROUPED_SDPA = "sdpa_grouped_decoding"
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,89 @@ def stop_token_ids(tokenizer) -> list[int]:
         if len(marker_ids) == 1:
             ids.add(marker_ids[0])
     return sorted(ids)
+
+
+def grouped_decoding_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                               is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """sdpa attention; at a decoding step of a grouped-query layer, each group's query heads attend as one head's
+    query positions, so the key/value cache is read as it is instead of copied per query head."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, length, _ = query.shape
+    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
+    if length != 1 or groups == 1 or per_head_mask or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    grouped = query.reshape(batch, heads // groups, groups, query.shape[-1])  # head h = kv head h // groups
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_decoding_attention)
+AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)  # the masks sdpa gets
+
+
+@contextmanager
+def grouped_decoding(model, enabled: bool = True):
+    """Runs the block with the model's sdpa attention swapped for GROUPED_SDPA (other attentions are left as they are)."""
+    before = model.config._attn_implementation
+    swap = enabled and before == "sdpa"
+    if swap:
+        model.set_attn_implementation(GROUPED_SDPA)
+    try:
+        yield
+    finally:
+        if swap:
+            model.set_attn_implementation(before)
+
+
+class RoomyLayer(DynamicLayer):
+    """A full-attention cache layer with room for `room` more positions: a step writes its keys and values in place
+    (transformers' DynamicLayer concatenates the whole layer anew at every step)."""
+
+    def __init__(self, layer: DynamicLayer, room: int):
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
+        self.length = layer.keys.shape[-2]
+        self.key_room = _with_room(layer.keys, room)
+        self.value_room = _with_room(layer.values, room)
+        self._expose()
+
+    def _expose(self) -> None:
+        """Point keys and values at the filled part of the room."""
+        self.keys, self.values = self.key_room[..., : self.length, :], self.value_room[..., : self.length, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new positions after the filled ones; the filled keys and values."""
+        new = key_states.shape[-2]
+        if self.length + new > self.key_room.shape[-2]:
+            raise RuntimeError(f"RoomyLayer is full: {self.length} + {new} > {self.key_room.shape[-2]} positions")
+        self.key_room[..., self.length : self.length + new, :] = key_states
+        self.value_room[..., self.length : self.length + new, :] = value_states
+        self.length += new
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only these rows of the batch."""
+        self.key_room, self.value_room = self.key_room[indices], self.value_room[indices]
+        self._expose()
+
+
+def _with_room(states: torch.Tensor, room: int) -> torch.Tensor:
+    """`states` copied into a tensor `room` positions longer along the sequence (the rest left unset)."""
+    batch, heads, length, dim = states.shape
+    roomy = states.new_empty(batch, heads, length + room, dim)
+    roomy[..., :length, :] = states
+    return roomy
+
+
+def make_room(cache, room: int) -> None:
+    """Gives each full-attention layer of a prefilled DynamicCache room for `room` more positions (others as they are)."""
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            cache.layers[i] = RoomyLayer(layer, room)
 
 
 def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
@@ -99,19 +193,34 @@ def generate(
     skip: Iterable[int] = (),
     sampling: Sampling | None = None,
     decoder: str = "prune",
+    grouped_attention: bool = True,
+    roomy_cache: bool = True,
     **generate_kwargs,
 ) -> list:
     """Answers for the prompts (greedy, or with `sampling` a list of n per prompt); `done(indices, answers, seconds)`
-    after each batch. Prompts in `skip` are left as None."""
+    after each batch. Prompts in `skip` are left as None. grouped_attention=False keeps transformers' sdpa,
+    roomy_cache=False its concatenating cache in the pruned decoder (the benchmarks' references)."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {DECODERS}")
     tokenizer.padding_side = "left"
     skip = set(skip)
     todo = [i for i in range(len(prompts)) if i not in skip]
     outputs: list = [None] * len(prompts)
-    eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
     batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
-    for number, batch in enumerate(tqdm(batches, desc="generating SQL", unit="batch")):
+    if decoder == "prune":
+        generate_kwargs["roomy_cache"] = roomy_cache
+    with grouped_decoding(model, grouped_attention):
+        _generate_batches(model, tokenizer, prompts, todo, batches, outputs, max_new_tokens, done, sampling, decoder,
+                          generate_kwargs)
+    return outputs
+
+
+def _generate_batches(model, tokenizer, prompts: Sequence[str], todo: list[int], batches: list[list[int]],
+                      outputs: list, max_new_tokens: int, done, sampling: Sampling | None, decoder: str,
+                      generate_kwargs: dict) -> None:
+    """Fills `outputs` batch by batch (split in halves on out-of-memory), calling `done` after each."""
+    eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
+    for batch in tqdm(batches, desc="generating SQL", unit="batch"):
         indices = [todo[i] for i in batch]
         start = time.perf_counter()
 
@@ -121,14 +230,13 @@ def generate(
                 torch.manual_seed(sampling.seed * 1_000_003 + part[0])
             if decoder == "hf":
                 return _generate_hf(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, **generate_kwargs)
-            return _generate_pruned(model, tokenizer, texts, max_new_tokens, eos, stops, sampling)
+            return _generate_pruned(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, **generate_kwargs)
 
         answers = split_on_oom(run, indices, "answers")
         for i, answer in zip(indices, answers):
             outputs[i] = answer
         if done:
             done(indices, answers, time.perf_counter() - start)
-    return outputs
 
 
 def _group(texts: list[str], n: int | None) -> list:
@@ -158,7 +266,7 @@ def _generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, eos:
 
 @torch.inference_mode()
 def _generate_pruned(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int],
-                     stops: Sequence[str], sampling: Sampling | None) -> list:
+                     stops: Sequence[str], sampling: Sampling | None, roomy_cache: bool = True) -> list:
     """Answers of one left-padded batch, decoded a token at a time; an ended answer leaves the batch."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -169,6 +277,8 @@ def _generate_pruned(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     last_only = keep_last_logits(model, 1)  # the prefill's logits at the last position only, as generate does
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     cache = out.past_key_values  # the model's own cache class (sliding-window layers where it has them)
+    if roomy_cache:
+        make_room(cache, max_new_tokens)
     alive = torch.arange(rows, device=ids.device)  # the original row of each row still in the batch
     tokens = torch.empty(rows, 0, dtype=torch.long, device=ids.device)  # new tokens of the rows still in the batch
     answers: list[list[int]] = [[] for _ in range(rows)]

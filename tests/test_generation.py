@@ -2,9 +2,10 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from scripts.generation import Sampling, generate
+from scripts.generation import GROUPED_SDPA, RoomyLayer, Sampling, generate, grouped_decoding_attention, make_room
 from scripts.models import ensure_pad_token
 from scripts.prompts import render
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -75,11 +76,11 @@ def test_an_out_of_memory_batch_is_split_in_halves(monkeypatch):
     expected = generate(model, tokenizer, texts, batch_size=4, max_new_tokens=8)
     real, sizes = generation._generate_pruned, []
 
-    def small_gpu(model, tokenizer, batch, *args):
+    def small_gpu(model, tokenizer, batch, *args, **kwargs):
         sizes.append(len(batch))
         if len(batch) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, tokenizer, batch, *args)
+        return real(model, tokenizer, batch, *args, **kwargs)
 
     monkeypatch.setattr(generation, "_generate_pruned", small_gpu)
     assert generate(model, tokenizer, texts, batch_size=4, max_new_tokens=8) == expected
@@ -159,3 +160,69 @@ def test_chat_templates_stop_at_their_end_of_turn_only(decoder):
     texts, steps = generate_forced("chatml", [answer], max_new_tokens=30, decoder=decoder)
     assert texts[0].startswith(answer) and len(texts[0]) > len(answer)
     assert steps == 30
+
+
+def test_grouped_decoding_attention_equals_sdpa_with_a_padding_mask():
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    query, key, value = torch.randn(4, 6, 1, 8), torch.randn(4, 2, 11, 8), torch.randn(4, 2, 11, 8)
+    mask = torch.ones(4, 1, 1, 11, dtype=torch.bool)
+    mask[1, ..., :5] = False  # left padding of different lengths
+    mask[3, ..., :2] = False
+    for m in (mask, None):
+        grouped, _ = grouped_decoding_attention(module, query, key, value, m, scaling=0.3)
+        plain, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.3)
+        assert grouped.shape == plain.shape == (4, 1, 6, 8)
+        torch.testing.assert_close(grouped, plain)
+
+
+@pytest.mark.parametrize("decoder", ["hf", "prune"])
+def test_grouped_decoding_gives_the_answers_of_plain_sdpa(decoder, monkeypatch):
+    model, tokenizer = ending_model(adapter=True)
+    assert model.config._attn_implementation == "sdpa" and model.config.num_key_value_heads == 2
+    texts = prompts(tokenizer)
+    plain = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=12, decoder=decoder,
+                     grouped_attention=False)
+    calls = []
+    import scripts.generation as generation
+    original = generation.grouped_decoding_attention
+    monkeypatch.setitem(AttentionInterface._global_mapping, GROUPED_SDPA,
+                        lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
+    grouped = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=12, decoder=decoder)
+    assert grouped == plain
+    assert calls.count(1) > 12 and max(calls) > 1  # decoding steps went through it, the prefill too (as sdpa)
+    assert model.config._attn_implementation == "sdpa"  # set back after generation
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_a_roomy_cache_decodes_like_the_concatenating_one(arch):
+    model, tokenizer = ending_model(arch=arch)
+    enc = tokenizer(prompts(tokenizer)[:3], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        caches = [model(**enc, use_cache=True).past_key_values for _ in range(2)]
+        make_room(caches[1], 4)  # the tiny Mistral's layers are sliding-window ones: left as they are
+        assert all(isinstance(layer, RoomyLayer) == (arch == "llama") for layer in caches[1].layers)
+        mask, step = enc["attention_mask"], torch.tensor([[5], [6], [7]])
+        for n in range(4):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if n == 2:  # a row leaves the batch
+                for cache in caches:
+                    cache.batch_select_indices(torch.tensor([0, 2]))
+                mask, step = mask[[0, 2]], step[[0, 2]]
+            plain, roomy = (model(input_ids=step, attention_mask=mask, past_key_values=c).logits for c in caches)
+            torch.testing.assert_close(roomy, plain)
+        assert caches[1].get_seq_length() == caches[0].get_seq_length() == enc["input_ids"].shape[1] + 4
+        if arch == "llama":
+            with pytest.raises(RuntimeError, match="full"):
+                model(input_ids=step, attention_mask=torch.cat([mask, mask.new_ones(2, 1)], 1),
+                      past_key_values=caches[1])
+
+
+@pytest.mark.parametrize("roomy", [False, True])
+def test_the_pruned_decoder_answers_alike_with_either_cache(roomy):
+    model, tokenizer = ending_model(adapter=True)
+    texts = prompts(tokenizer)
+    reference = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="hf",
+                         grouped_attention=False)
+    assert generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, roomy_cache=roomy) == reference
