@@ -18,19 +18,16 @@ from scripts.generation import generate
 from scripts.models import load_for_evaluation
 from scripts.spider_data import SpiderLayout, load_split, prepare_spider
 
-BEFORE = {"grouped_attention": False, "roomy_cache": False}  # transformers' sdpa and concatenating cache
+CONCATENATING = {"roomy_cache": False}  # transformers' cache: each step concatenates every layer anew
 VARIANTS = {  # name: (batch size, extra generate arguments); the first is the reference (names hold no comma)
-    "batch 256 model.generate plain sdpa (the pipeline until 2026-12-03)": (256, {"decoder": "hf", **BEFORE}),
-    "batch 256 pruned plain sdpa concatenating cache (ended answers leave the batch)":
-        (256, {"decoder": "prune", **BEFORE}),
-    "batch 256 pruned grouped decoding roomy cache (the pipeline now)": (256, {"decoder": "prune"}),
-    "batch 256 model.generate grouped decoding": (256, {"decoder": "hf"}),
-    "batch 1024 model.generate plain sdpa": (1024, {"decoder": "hf", **BEFORE}),
-    "batch 1024 pruned plain sdpa concatenating cache": (1024, {"decoder": "prune", **BEFORE}),
-    "batch 1024 pruned grouped decoding concatenating cache": (1024, {"decoder": "prune", "roomy_cache": False}),
-    "batch 1024 pruned grouped decoding roomy cache": (1024, {"decoder": "prune"}),
-    "batch 16 model.generate plain sdpa": (16, {"decoder": "hf", **BEFORE}),
-    "batch 16 pruned grouped decoding roomy cache": (16, {"decoder": "prune"}),
+    "batch 256 model.generate (the pipeline until 2026-12-03)": (256, {"decoder": "hf"}),
+    "batch 256 pruned concatenating cache (ended answers leave the batch)": (256, {"decoder": "prune", **CONCATENATING}),
+    "batch 256 pruned roomy cache (the pipeline now)": (256, {"decoder": "prune"}),
+    "batch 1024 model.generate": (1024, {"decoder": "hf"}),
+    "batch 1024 pruned concatenating cache": (1024, {"decoder": "prune", **CONCATENATING}),
+    "batch 1024 pruned roomy cache": (1024, {"decoder": "prune"}),
+    "batch 16 model.generate": (16, {"decoder": "hf"}),
+    "batch 16 pruned roomy cache": (16, {"decoder": "prune"}),
     "batch 256 static cache (compiled) model.generate": (256, {"decoder": "hf", "cache_implementation": "static"}),
 }
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements of docs/RESULTS.md sections 16-21, one device call per step (../shared/gpu/README.md stages
+# The GPU measurements of docs/RESULTS.md sections 16-22, one device call per step (../shared/gpu/README.md stages
 # /tmp/site, /tmp/data and the GGUFs in /tmp/m first). Usage: bash bench/gpu_session.sh STEP, STEP one of
 #   env          versions and GPU
 #   smol_mmlu    SmolLM2-135M-Instruct in bf16 (--quantization none) on all 14,042 MMLU questions; its exact ties
 #   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit; ADAPTER, PRECISION) on dev questions with a database
 #   seed_build   build both seed models into /tmp/seed (start it detached: setsid, while other calls stage)
 #   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
-#   profile LAYOUT   ms per decoding step of a seed model at batch 16 (QUANTIZATIONS, DECODERS, ATTENTIONS)
+#   profile LAYOUT   ms per decoding step of a seed model at batch 16 (QUANTIZATIONS, DECODERS, CACHES)
 #   qwen_train   Qwen: one epoch on all of Spider train (section 13's best config) and the adapter's EX in 4-bit
 #   qwen_merged  the same adapter's EX with EVAL_PRECISION=merged (EVAL_BATCH: the pass time at other batch sizes)
 #   smol_train   SmolLM2: one epoch on all of Spider train (section 1's best config on one GPU, 25.8% EX there)
@@ -58,7 +58,7 @@ bitsandbytes.__version__)"
   profile)  # ms per decoding step of a seed model at batch 16, 4-bit and unquantized bf16, both decoders
     for q in ${QUANTIZATIONS:-4bit none}; do
       python3 -m bench.profile_generation "/tmp/seed/$2" /tmp/data/spider_data.zip --batch-sizes 16 --n 32 \
-        --quantization $q --decoders "${DECODERS:-hf,prune}" --attentions "${ATTENTIONS:-grouped}" \
+        --quantization $q --decoders "${DECODERS:-hf,prune}" --caches "${CACHES:-roomy,concat}" \
         --max-new-tokens "${STEPS:-64}" --out "$OUT" 2>&1 | quiet | tail -n 12
       cp "$OUT/profile_generation.json" "$OUT/profile_${2}_$q.json"
     done ;;

@@ -2,7 +2,7 @@
 
 Usage: python -m bench.profile_generation MODEL SPIDER_ZIP [--batch-sizes 256,1024] [--quantization none]
     [--adapter DIR] [--eval-precision 4bit|merged] [--max-new-tokens 160] [--n N] [--decoders hf,prune]
-    [--attentions grouped,sdpa,static] [--out DIR]
+    [--caches roomy,concat,static] [--out DIR]
 For each batch size it generates the answers of the dev questions that have a database twice, with the
 pipeline's code: once with one new token (the prefill and one step), once with --max-new-tokens. Printed per
 batch: its size and longest prompt, both times, the decoding steps it ran (its longest answer in tokens, plus
@@ -20,9 +20,8 @@ from scripts.models import load_for_evaluation
 from scripts.spider_data import load_split, prepare_spider
 
 
-ATTENTIONS = {  # the decoding levers: the pipeline's (grouped), transformers' own, a compiled static cache (hf only)
-    "grouped": {}, "sdpa": {"grouped_attention": False, "roomy_cache": False},
-    "static": {"cache_implementation": "static", "grouped_attention": False},
+CACHES = {  # the pruned decoder's (roomy), transformers' concatenating one, a compiled static one (hf only)
+    "roomy": {}, "concat": {"roomy_cache": False}, "static": {"cache_implementation": "static"},
 }
 
 
@@ -36,9 +35,9 @@ def timed_batches(model, tokenizer, prompts: list[str], batch_size: int, max_new
 
 
 def profile(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
-            decoder: str = "hf", attention: str = "grouped") -> list[dict]:
+            decoder: str = "hf", cache: str = "roomy") -> list[dict]:
     """One row per batch: prefill seconds, whole seconds, decoding steps and milliseconds per step."""
-    options = ATTENTIONS[attention]
+    options = CACHES[cache]
     prefill = timed_batches(model, tokenizer, prompts, batch_size, 1, decoder, **options)
     whole = timed_batches(model, tokenizer, prompts, batch_size, max_new_tokens, decoder, **options)
     rows = []
@@ -46,7 +45,7 @@ def profile(model, tokenizer, prompts: list[str], batch_size: int, max_new_token
         assert indices == same, "both passes batch the prompts the same way"
         steps = min(max_new_tokens, 1 + max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts))
         longest = max(len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in indices)
-        rows.append({"decoder": decoder, "attention": attention, "batch_size": batch_size, "size": len(indices), "longest_prompt": longest,
+        rows.append({"decoder": decoder, "cache": cache, "batch_size": batch_size, "size": len(indices), "longest_prompt": longest,
                      "prefill_s": round(first, 2), "whole_s": round(seconds, 2), "steps": steps,
                      "ms_per_step": round(1000 * (seconds - first) / max(1, steps - 1), 1)})
     return rows
@@ -65,9 +64,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--n", type=int, default=None, help="only the first N dev questions that have a database")
     p.add_argument("--decoders", default="hf", help="comma-separated: hf (model.generate), prune (scripts/generation.py)")
-    p.add_argument("--attentions", default="grouped", help="comma-separated: grouped (scripts/generation.py's "
-                   "GROUPED_SDPA and roomy cache), sdpa (transformers' attention and cache), static (hf only: "
-                   "a compiled static cache)")
+    p.add_argument("--caches", default="roomy,concat", help="comma-separated: roomy and concat (the pruned decoder "
+                   "with room for the answer, or transformers' concatenating cache), static (model.generate with a "
+                   "compiled static cache); a name may repeat, to see the run-to-run spread")
     args = p.parse_args()
     layout = prepare_spider(args.spider_zip, Path("data/spider_data"))
     examples = [e for e in load_split(layout, "dev") if layout.db_path(e["db_id"])][: args.n]
@@ -76,16 +75,16 @@ def main() -> None:
     generate(model, tokenizer, prompts[:8], batch_size=8, max_new_tokens=4)  # warm-up: the first batch is not timed cold
     rows = []
     for decoder in args.decoders.split(","):
-        for attention in args.attentions.split(","):
-            if attention == "static" and decoder != "hf":
-                continue
+        for cache in args.caches.split(","):
+            if (decoder, cache) in (("hf", "roomy"), ("prune", "static")):
+                continue  # the roomy cache is the pruned decoder's; model.generate's default one concatenates
             for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-                rows += profile(model, tokenizer, prompts, batch_size, args.max_new_tokens, decoder, attention)
+                rows += profile(model, tokenizer, prompts, batch_size, args.max_new_tokens, decoder, cache)
                 save_json(args.out, "profile_generation.json", rows)
-    print(f"{'decoder':>7} {'attention':>9} {'batch size':>10} {'size':>5} {'longest prompt':>14} {'prefill s':>9} {'whole s':>8} {'steps':>6} "
+    print(f"{'decoder':>7} {'cache':>7} {'batch size':>10} {'size':>5} {'longest prompt':>14} {'prefill s':>9} {'whole s':>8} {'steps':>6} "
           f"{'ms/step':>8}")
     for r in rows:
-        print(f"{r['decoder']:>7} {r['attention']:>9} {r['batch_size']:10} {r['size']:5} {r['longest_prompt']:14} {r['prefill_s']:9.2f} {r['whole_s']:8.2f} "
+        print(f"{r['decoder']:>7} {r['cache']:>7} {r['batch_size']:10} {r['size']:5} {r['longest_prompt']:14} {r['prefill_s']:9.2f} {r['whole_s']:8.2f} "
               f"{r['steps']:6} {r['ms_per_step']:8.1f}")
 
 

@@ -8,33 +8,25 @@ Two decoders give the same greedy answers for the same batch (a test checks it o
   `generate_kwargs` reach it, e.g. cache_implementation="static" for a compiled static cache.
 An answer ends at a stop token (eos, the template's end of turn) or, in the plain format, at a stop string
 (scripts/prompts.py: PLAIN_STOPS), where it is cut. On CUDA out-of-memory a batch is split in halves.
-Both decode through GROUPED_SDPA where the model runs sdpa: with a padding mask, transformers' sdpa copies each
-key/value head of a grouped-query model once per query head at every layer and step (7x the cache for Qwen2.5's
-14 query heads on 2 key/value heads); a decoding step's one query position lets the query heads of a group stand
-as query positions of their shared head instead (the same attention, no copy). The pruned decoder also writes each
-step's keys and values into room made after the prefill (RoomyLayer) where transformers concatenates the whole
-cache anew at every step.
+The pruned decoder writes each step's keys and values into room made after the prefill (RoomyLayer), where
+transformers' cache concatenates the whole layer anew at every step.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from scripts.gpu_memory import split_on_oom
 from scripts.models import keep_last_logits
 from scripts.prompts import end_of_turn, stop_strings
 
 DECODERS = ("prune", "hf")
-GROUPED_SDPA = "sdpa_grouped_decoding"
 
 
 @dataclass(frozen=True)
@@ -56,41 +48,6 @@ def stop_token_ids(tokenizer) -> list[int]:
         if len(marker_ids) == 1:
             ids.add(marker_ids[0])
     return sorted(ids)
-
-
-def grouped_decoding_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                               is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """sdpa attention; at a decoding step of a grouped-query layer, each group's query heads attend as one head's
-    query positions, so the key/value cache is read as it is instead of copied per query head."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, length, _ = query.shape
-    per_head_mask = attention_mask is not None and attention_mask.shape[1] != 1
-    if length != 1 or groups == 1 or per_head_mask or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    grouped = query.reshape(batch, heads // groups, groups, query.shape[-1])  # head h = kv head h // groups
-    out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask,
-                                                           dropout_p=dropout, scale=scaling)
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(GROUPED_SDPA, grouped_decoding_attention)
-AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)  # the masks sdpa gets
-
-
-@contextmanager
-def grouped_decoding(model, enabled: bool = True):
-    """Runs the block with the model's sdpa attention swapped for GROUPED_SDPA (other attentions are left as they are)."""
-    before = model.config._attn_implementation
-    swap = enabled and before == "sdpa"
-    if swap:
-        model.set_attn_implementation(GROUPED_SDPA)
-    try:
-        yield
-    finally:
-        if swap:
-            model.set_attn_implementation(before)
 
 
 class RoomyLayer(DynamicLayer):
@@ -193,13 +150,12 @@ def generate(
     skip: Iterable[int] = (),
     sampling: Sampling | None = None,
     decoder: str = "prune",
-    grouped_attention: bool = True,
     roomy_cache: bool = True,
     **generate_kwargs,
 ) -> list:
     """Answers for the prompts (greedy, or with `sampling` a list of n per prompt); `done(indices, answers, seconds)`
-    after each batch. Prompts in `skip` are left as None. grouped_attention=False keeps transformers' sdpa,
-    roomy_cache=False its concatenating cache in the pruned decoder (the benchmarks' references)."""
+    after each batch. Prompts in `skip` are left as None; roomy_cache=False keeps transformers' concatenating cache
+    in the pruned decoder (the benchmarks' reference)."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {DECODERS}")
     tokenizer.padding_side = "left"
@@ -209,9 +165,8 @@ def generate(
     batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
     if decoder == "prune":
         generate_kwargs["roomy_cache"] = roomy_cache
-    with grouped_decoding(model, grouped_attention):
-        _generate_batches(model, tokenizer, prompts, todo, batches, outputs, max_new_tokens, done, sampling, decoder,
-                          generate_kwargs)
+    _generate_batches(model, tokenizer, prompts, todo, batches, outputs, max_new_tokens, done, sampling, decoder,
+                      generate_kwargs)
     return outputs
 
 

@@ -2,10 +2,9 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from scripts.generation import GROUPED_SDPA, RoomyLayer, Sampling, generate, grouped_decoding_attention, make_room
+from scripts.generation import RoomyLayer, Sampling, generate, make_room
 from scripts.models import ensure_pad_token
 from scripts.prompts import render
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -162,39 +161,6 @@ def test_chat_templates_stop_at_their_end_of_turn_only(decoder):
     assert steps == 30
 
 
-def test_grouped_decoding_attention_equals_sdpa_with_a_padding_mask():
-    torch.manual_seed(0)
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal = 3, True
-    query, key, value = torch.randn(4, 6, 1, 8), torch.randn(4, 2, 11, 8), torch.randn(4, 2, 11, 8)
-    mask = torch.ones(4, 1, 1, 11, dtype=torch.bool)
-    mask[1, ..., :5] = False  # left padding of different lengths
-    mask[3, ..., :2] = False
-    for m in (mask, None):
-        grouped, _ = grouped_decoding_attention(module, query, key, value, m, scaling=0.3)
-        plain, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.3)
-        assert grouped.shape == plain.shape == (4, 1, 6, 8)
-        torch.testing.assert_close(grouped, plain)
-
-
-@pytest.mark.parametrize("decoder", ["hf", "prune"])
-def test_grouped_decoding_gives_the_answers_of_plain_sdpa(decoder, monkeypatch):
-    model, tokenizer = ending_model(adapter=True)
-    assert model.config._attn_implementation == "sdpa" and model.config.num_key_value_heads == 2
-    texts = prompts(tokenizer)
-    plain = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=12, decoder=decoder,
-                     grouped_attention=False)
-    calls = []
-    import scripts.generation as generation
-    original = generation.grouped_decoding_attention
-    monkeypatch.setitem(AttentionInterface._global_mapping, GROUPED_SDPA,
-                        lambda *a, **k: calls.append(a[1].shape[2]) or original(*a, **k))
-    grouped = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=12, decoder=decoder)
-    assert grouped == plain
-    assert calls.count(1) > 12 and max(calls) > 1  # decoding steps went through it, the prefill too (as sdpa)
-    assert model.config._attn_implementation == "sdpa"  # set back after generation
-
-
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_a_roomy_cache_decodes_like_the_concatenating_one(arch):
     model, tokenizer = ending_model(arch=arch)
@@ -223,6 +189,5 @@ def test_a_roomy_cache_decodes_like_the_concatenating_one(arch):
 def test_the_pruned_decoder_answers_alike_with_either_cache(roomy):
     model, tokenizer = ending_model(adapter=True)
     texts = prompts(tokenizer)
-    reference = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="hf",
-                         grouped_attention=False)
+    reference = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="hf")
     assert generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, roomy_cache=roomy) == reference
