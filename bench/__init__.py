@@ -24,3 +24,15 @@ def timed(fn):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return result, time.perf_counter() - start
+
+
+def warm_up(model, tokenizer, prompts: list[str], seconds: float) -> int:
+    """Generate from the first 16 prompts until `seconds` have passed (at least once), so that nothing is timed on
+    a cold GPU (an idle H200's clock read 345 MHz; docs/RESULTS.md section 22); returns the passes run."""
+    from scripts.generation import generate
+
+    start, passes = time.perf_counter(), 0
+    while passes == 0 or time.perf_counter() - start < seconds:
+        generate(model, tokenizer, prompts[:16], batch_size=16, max_new_tokens=32)
+        passes += 1
+    return passes

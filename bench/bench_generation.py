@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import save_json, timed
+from bench import save_json, timed, warm_up
 from scripts.evaluate import build_prompts, extract_answers, score
 from scripts.generation import generate
 from scripts.models import load_for_evaluation
@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--eval-precision", default="4bit", help="4bit (as --quantization) or merged (scripts/models.py)")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--warm-up-s", type=float, default=20.0, help="seconds of generation before anything is timed")
     p.add_argument("--only", default="", help="comma-separated variant names (or parts of names) to run besides the "
                    "reference")
     args = p.parse_args()
@@ -56,7 +57,7 @@ def main() -> None:
     examples = [e for e in load_split(layout, "dev") if layout.db_path(e["db_id"])][: args.n]
     model, tokenizer = load_for_evaluation(args.model, args.adapter, args.quantization, args.eval_precision)
     prompts = build_prompts(tokenizer, examples, layout)
-    generate(model, tokenizer, prompts[:8], batch_size=8, max_new_tokens=4)  # warm-up: no variant is timed cold
+    warm_up(model, tokenizer, prompts, args.warm_up_s)
     rows, reference = [], None
     only = set(args.only.split(",")) if args.only else None
     for name, (batch_size, extra) in VARIANTS.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench import save_json
+from bench import save_json, warm_up
 from scripts.evaluate import build_prompts
 from scripts.generation import generate
 from scripts.models import load_for_evaluation
@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--eval-precision", default="4bit", help="4bit (as --quantization) or merged (scripts/models.py)")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--warm-up-s", type=float, default=20.0, help="seconds of generation before anything is timed")
     p.add_argument("--n", type=int, default=None, help="only the first N dev questions that have a database")
     p.add_argument("--decoders", default="hf", help="comma-separated: hf (model.generate), prune (scripts/generation.py)")
     p.add_argument("--caches", default="roomy,concat", help="comma-separated: roomy and concat (the pruned decoder "
@@ -72,7 +73,7 @@ def main() -> None:
     examples = [e for e in load_split(layout, "dev") if layout.db_path(e["db_id"])][: args.n]
     model, tokenizer = load_for_evaluation(args.model, args.adapter, args.quantization, args.eval_precision)
     prompts = build_prompts(tokenizer, examples, layout)
-    generate(model, tokenizer, prompts[:8], batch_size=8, max_new_tokens=4)  # warm-up: the first batch is not timed cold
+    warm_up(model, tokenizer, prompts, args.warm_up_s)
     rows = []
     for decoder in args.decoders.split(","):
         for cache in args.caches.split(","):

@@ -92,3 +92,16 @@ def test_generation_bench_scores_each_answer_with_the_pipelines_extraction_and_m
     dev = [{"question": "q", "query": "SELECT name FROM singer", "db_id": "concert"}] * 3
     texts = ["```sql\nSELECT name FROM singer\n```", "SELECT age FROM singer", "I cannot answer that."]
     assert correct_flags(texts, dev, layout) == [True, False, False]
+
+
+def test_warm_up_generates_until_its_seconds_have_passed(monkeypatch):
+    import bench
+    import scripts.generation
+
+    clock, calls = iter(range(100)), []
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(scripts.generation, "generate", lambda model, tokenizer, prompts, **kw: calls.append(prompts))
+    prompts = [f"p{i}" for i in range(20)]
+    assert bench.warm_up(None, None, prompts, seconds=3) == 3  # passes end at t=1, 2, 3
+    assert calls == [prompts[:16]] * 3
+    assert bench.warm_up(None, None, prompts, seconds=0) == 1  # at least one pass
