@@ -4,6 +4,7 @@
 #   env          versions and GPU
 #   smol_mmlu    SmolLM2-135M-Instruct in bf16 (--quantization none) on all 14,042 MMLU questions; its exact ties
 #   qwen_gen     generation benchmark: Qwen2.5-Coder-0.5B (4-bit; ADAPTER, PRECISION) on dev questions with a database
+#   qwen_profile ms per decoding step of Qwen (ADAPTER, PRECISION, BATCHES) and its top ops (KERNELS)
 #   seed_build   build both seed models into /tmp/seed (start it detached: setsid, while other calls stage)
 #   seed LAYOUT GIB [EXTRA MAIN ARGS]   a random-weight model of a seed's layout through main.py, capped to GIB
 #   profile LAYOUT   ms per decoding step of a seed model at batch 16 (QUANTIZATIONS, DECODERS, CACHES)
@@ -43,6 +44,10 @@ bitsandbytes.__version__)"
     python3 -m bench.bench_generation /tmp/m/qwen.gguf /tmp/data/spider_data.zip --n "${N:-1034}" \
       --quantization 4bit --only "${ONLY:-batch 256 pruned,batch 1024}" ${ADAPTER:+--adapter "$ADAPTER"} \
       --eval-precision "${PRECISION:-4bit}" --out "$OUT" 2>&1 | quiet | tail -n 20 ;;
+  qwen_profile)  # where a Qwen pass spends its time: ms per step and the ops that took the most time
+    python3 -m bench.profile_generation /tmp/m/qwen.gguf /tmp/data/spider_data.zip --quantization 4bit \
+      ${ADAPTER:+--adapter "$ADAPTER"} --eval-precision "${PRECISION:-4bit}" --batch-sizes "${BATCHES:-1024}" \
+      --decoders prune --caches "${CACHES:-roomy}" --kernels "${KERNELS:-25}" --out "$OUT" 2>&1 | quiet | tail -n 80 ;;
   seed_build)
     [ -d /tmp/sp/spider_data ] || python3 -c "import zipfile; zipfile.ZipFile('/tmp/data/spider_data.zip').extractall('/tmp/sp')"
     for layout in ${LAYOUTS:-mistral_7b open_llama_3b}; do

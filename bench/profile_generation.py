@@ -2,11 +2,12 @@
 
 Usage: python -m bench.profile_generation MODEL SPIDER_ZIP [--batch-sizes 256,1024] [--quantization none]
     [--adapter DIR] [--eval-precision 4bit|merged] [--max-new-tokens 160] [--n N] [--decoders hf,prune]
-    [--caches roomy,concat,static] [--out DIR]
+    [--caches roomy,concat,static] [--kernels N] [--out DIR]
 For each batch size it generates the answers of the dev questions that have a database twice, with the
 pipeline's code: once with one new token (the prefill and one step), once with --max-new-tokens. Printed per
 batch: its size and longest prompt, both times, the decoding steps it ran (its longest answer in tokens, plus
-the end token) and the milliseconds per step. A diagnosis, not a benchmark: it prints no ratio.
+the end token) and the milliseconds per step; with --kernels N, the N ops that took the most time in one batch.
+A diagnosis, not a benchmark: it prints no ratio.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from bench import save_json, warm_up
 from scripts.evaluate import build_prompts
-from scripts.generation import generate
+from scripts.generation import generate, length_sorted_batches
 from scripts.models import load_for_evaluation
 from scripts.spider_data import load_split, prepare_spider
 
@@ -32,6 +33,22 @@ def timed_batches(model, tokenizer, prompts: list[str], batch_size: int, max_new
     generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, decoder=decoder,
              done=lambda indices, texts, seconds: batches.append((indices, texts, seconds)), **options)
     return batches
+
+
+def kernel_table(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, decoder: str,
+                 cache: str, rows: int) -> str:
+    """The ops that took the most time while the first batch generated (torch.profiler: self device time on a
+    GPU, self CPU time without one), as torch prints them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    cuda = torch.cuda.is_available()
+    first = length_sorted_batches(prompts, tokenizer, batch_size)[0]
+    with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as trace:
+        generate(model, tokenizer, [prompts[i] for i in first], batch_size=batch_size, max_new_tokens=max_new_tokens,
+                 decoder=decoder, **CACHES[cache])
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    return trace.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def profile(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
@@ -68,6 +85,8 @@ def main() -> None:
     p.add_argument("--caches", default="roomy,concat", help="comma-separated: roomy and concat (the pruned decoder "
                    "with room for the answer, or transformers' concatenating cache), static (model.generate with a "
                    "compiled static cache); a name may repeat, to see the run-to-run spread")
+    p.add_argument("--kernels", type=int, default=0, help="also print (and save) the N ops that took the most time "
+                   "in each decoder and cache's first batch at the first batch size (torch.profiler)")
     args = p.parse_args()
     layout = prepare_spider(args.spider_zip, Path("data/spider_data"))
     examples = [e for e in load_split(layout, "dev") if layout.db_path(e["db_id"])][: args.n]
@@ -87,6 +106,12 @@ def main() -> None:
     for r in rows:
         print(f"{r['decoder']:>7} {r['cache']:>7} {r['batch_size']:10} {r['size']:5} {r['longest_prompt']:14} {r['prefill_s']:9.2f} {r['whole_s']:8.2f} "
               f"{r['steps']:6} {r['ms_per_step']:8.1f}")
+    for decoder, cache in sorted({(r["decoder"], r["cache"]) for r in rows}) if args.kernels else ():
+        table = kernel_table(model, tokenizer, prompts, int(args.batch_sizes.split(",")[0]), args.max_new_tokens,
+                             decoder, cache, args.kernels)
+        print(f"\n{decoder}, {cache} cache: the {args.kernels} ops that took the most time\n{table}")
+        if args.out:
+            (args.out / f"kernels_{decoder}_{cache}.txt").write_text(table)
 
 
 if __name__ == "__main__":

@@ -105,3 +105,13 @@ def test_warm_up_generates_until_its_seconds_have_passed(monkeypatch):
     assert bench.warm_up(None, None, prompts, seconds=3) == 3  # passes end at t=1, 2, 3
     assert calls == [prompts[:16]] * 3
     assert bench.warm_up(None, None, prompts, seconds=0) == 1  # at least one pass
+
+
+def test_the_kernel_table_names_the_ops_of_one_batch():
+    from bench.profile_generation import kernel_table
+    from tests.test_generation import ending_model, prompts
+
+    model, tokenizer = ending_model()
+    table = kernel_table(model, tokenizer, prompts(tokenizer), 2, 4, "prune", "roomy", rows=5)
+    assert "aten::" in table and "Self CPU" in table
+    assert len([line for line in table.splitlines() if "aten::" in line]) == 5
