@@ -162,19 +162,10 @@ def generate(
     skip = set(skip)
     todo = [i for i in range(len(prompts)) if i not in skip]
     outputs: list = [None] * len(prompts)
-    batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
+    eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
     if decoder == "prune":
         generate_kwargs["roomy_cache"] = roomy_cache
-    _generate_batches(model, tokenizer, prompts, todo, batches, outputs, max_new_tokens, done, sampling, decoder,
-                      generate_kwargs)
-    return outputs
-
-
-def _generate_batches(model, tokenizer, prompts: Sequence[str], todo: list[int], batches: list[list[int]],
-                      outputs: list, max_new_tokens: int, done, sampling: Sampling | None, decoder: str,
-                      generate_kwargs: dict) -> None:
-    """Fills `outputs` batch by batch (split in halves on out-of-memory), calling `done` after each."""
-    eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
+    batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
     for batch in tqdm(batches, desc="generating SQL", unit="batch"):
         indices = [todo[i] for i in batch]
         start = time.perf_counter()
@@ -192,6 +183,7 @@ def _generate_batches(model, tokenizer, prompts: Sequence[str], todo: list[int],
             outputs[i] = answer
         if done:
             done(indices, answers, time.perf_counter() - start)
+    return outputs
 
 
 def _group(texts: list[str], n: int | None) -> list:
