@@ -62,8 +62,8 @@ def profile(model, tokenizer, prompts: list[str], batch_size: int, max_new_token
         assert indices == same, "both passes batch the prompts the same way"
         steps = min(max_new_tokens, 1 + max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts))
         longest = max(len(tokenizer(prompts[i], add_special_tokens=False)["input_ids"]) for i in indices)
-        rows.append({"decoder": decoder, "cache": cache, "batch_size": batch_size, "size": len(indices), "longest_prompt": longest,
-                     "prefill_s": round(first, 2), "whole_s": round(seconds, 2), "steps": steps,
+        rows.append({"decoder": decoder, "cache": cache, "batch_size": batch_size, "size": len(indices),
+                     "longest_prompt": longest, "prefill_s": round(first, 2), "whole_s": round(seconds, 2), "steps": steps,
                      "ms_per_step": round(1000 * (seconds - first) / max(1, steps - 1), 1)})
     return rows
 

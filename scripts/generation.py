@@ -163,8 +163,6 @@ def generate(
     todo = [i for i in range(len(prompts)) if i not in skip]
     outputs: list = [None] * len(prompts)
     eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
-    if decoder == "prune":
-        generate_kwargs["roomy_cache"] = roomy_cache
     batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
     for batch in tqdm(batches, desc="generating SQL", unit="batch"):
         indices = [todo[i] for i in batch]
@@ -176,7 +174,7 @@ def generate(
                 torch.manual_seed(sampling.seed * 1_000_003 + part[0])
             if decoder == "hf":
                 return _generate_hf(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, **generate_kwargs)
-            return _generate_pruned(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, **generate_kwargs)
+            return _generate_pruned(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, roomy_cache)
 
         answers = split_on_oom(run, indices, "answers")
         for i, answer in zip(indices, answers):
