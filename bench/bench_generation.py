@@ -20,14 +20,17 @@ from scripts.spider_data import SpiderLayout, load_split, prepare_spider
 
 CONCATENATING = {"roomy_cache": False}  # transformers' cache: each step concatenates every layer anew
 VARIANTS = {  # name: (batch size, extra generate arguments); the first is the reference (names hold no comma)
+    "batch 1024 pruned roomy cache (the pipeline until 2026-12-04)": (1024, {"decoder": "prune"}),
+    "batch 1024 graph (static caches and CUDA graphs)": (1024, {"decoder": "graph"}),
+    "batch 256 pruned roomy cache": (256, {"decoder": "prune"}),
+    "batch 256 graph": (256, {"decoder": "graph"}),
+    "batch 16 pruned roomy cache": (16, {"decoder": "prune"}),
+    "batch 16 graph": (16, {"decoder": "graph"}),
     "batch 256 model.generate (the pipeline until 2026-12-03)": (256, {"decoder": "hf"}),
     "batch 256 pruned concatenating cache (ended answers leave the batch)": (256, {"decoder": "prune", **CONCATENATING}),
-    "batch 256 pruned roomy cache (the pipeline now)": (256, {"decoder": "prune"}),
     "batch 1024 model.generate": (1024, {"decoder": "hf"}),
     "batch 1024 pruned concatenating cache": (1024, {"decoder": "prune", **CONCATENATING}),
-    "batch 1024 pruned roomy cache": (1024, {"decoder": "prune"}),
     "batch 16 model.generate": (16, {"decoder": "hf"}),
-    "batch 16 pruned roomy cache": (16, {"decoder": "prune"}),
     "batch 256 static cache (compiled) model.generate": (256, {"decoder": "hf", "cache_implementation": "static"}),
 }
 

@@ -42,12 +42,12 @@ bitsandbytes.__version__)"
     python3 -m bench.mmlu_ties /tmp/r_smol/results.sqlite ;;
   qwen_gen)
     python3 -m bench.bench_generation /tmp/m/qwen.gguf /tmp/data/spider_data.zip --n "${N:-1034}" \
-      --quantization 4bit --only "${ONLY:-batch 256 pruned,batch 1024}" ${ADAPTER:+--adapter "$ADAPTER"} \
+      --quantization 4bit --only "${ONLY:-graph,batch 256 pruned}" ${ADAPTER:+--adapter "$ADAPTER"} \
       --eval-precision "${PRECISION:-4bit}" --out "$OUT" 2>&1 | quiet | tail -n 20 ;;
   qwen_profile)  # where a Qwen pass spends its time: ms per step and the ops that took the most time
     python3 -m bench.profile_generation /tmp/m/qwen.gguf /tmp/data/spider_data.zip --quantization 4bit \
       ${ADAPTER:+--adapter "$ADAPTER"} --eval-precision "${PRECISION:-4bit}" --batch-sizes "${BATCHES:-1024}" \
-      --decoders prune --caches "${CACHES:-roomy}" --kernels "${KERNELS:-25}" --out "$OUT" 2>&1 | quiet | tail -n 80 ;;
+      --decoders "${DECODERS:-prune,graph}" --caches "${CACHES:-roomy}" --kernels "${KERNELS:-25}" --out "$OUT" 2>&1 | quiet | tail -n 80 ;;
   seed_build)
     [ -d /tmp/sp/spider_data ] || python3 -c "import zipfile; zipfile.ZipFile('/tmp/data/spider_data.zip').extractall('/tmp/sp')"
     for layout in ${LAYOUTS:-mistral_7b open_llama_3b}; do
@@ -63,7 +63,7 @@ bitsandbytes.__version__)"
   profile)  # ms per decoding step of a seed model at batch 16, 4-bit and unquantized bf16, both decoders
     for q in ${QUANTIZATIONS:-4bit none}; do
       python3 -m bench.profile_generation "/tmp/seed/$2" /tmp/data/spider_data.zip --batch-sizes 16 --n 32 \
-        --quantization $q --decoders "${DECODERS:-hf,prune}" --caches "${CACHES:-roomy,concat}" \
+        --quantization $q --decoders "${DECODERS:-prune,graph}" --caches "${CACHES:-roomy,concat}" \
         --max-new-tokens "${STEPS:-64}" --out "$OUT" 2>&1 | quiet | tail -n 12
       cp "$OUT/profile_generation.json" "$OUT/profile_${2}_$q.json"
     done ;;

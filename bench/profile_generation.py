@@ -1,7 +1,7 @@
 """Where Spider dev generation spends its time: the prefill against the decoding steps, per batch.
 
 Usage: python -m bench.profile_generation MODEL SPIDER_ZIP [--batch-sizes 256,1024] [--quantization none]
-    [--adapter DIR] [--eval-precision 4bit|merged] [--max-new-tokens 160] [--n N] [--decoders hf,prune]
+    [--adapter DIR] [--eval-precision 4bit|merged] [--max-new-tokens 160] [--n N] [--decoders hf,prune,graph]
     [--caches roomy,concat,static] [--kernels N] [--out DIR]
 For each batch size it generates the answers of the dev questions that have a database twice, with the
 pipeline's code: once with one new token (the prefill and one step), once with --max-new-tokens. Printed per
@@ -24,6 +24,7 @@ from scripts.spider_data import load_split, prepare_spider
 CACHES = {  # the pruned decoder's (roomy), transformers' concatenating one, a compiled static one (hf only)
     "roomy": {}, "concat": {"roomy_cache": False}, "static": {"cache_implementation": "static"},
 }
+ALLOWED = {"prune": ("roomy", "concat"), "hf": ("concat", "static"), "graph": ("roomy",)}  # graph: its own caches
 
 
 def timed_batches(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
@@ -81,7 +82,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--warm-up-s", type=float, default=20.0, help="seconds of generation before anything is timed")
     p.add_argument("--n", type=int, default=None, help="only the first N dev questions that have a database")
-    p.add_argument("--decoders", default="hf", help="comma-separated: hf (model.generate), prune (scripts/generation.py)")
+    p.add_argument("--decoders", default="hf", help="comma-separated: hf (model.generate), prune or graph "
+                   "(scripts/generation.py; graph runs with cache roomy only, its static caches being its own)")
     p.add_argument("--caches", default="roomy,concat", help="comma-separated: roomy and concat (the pruned decoder "
                    "with room for the answer, or transformers' concatenating cache), static (model.generate with a "
                    "compiled static cache); a name may repeat, to see the run-to-run spread")
@@ -96,7 +98,7 @@ def main() -> None:
     rows = []
     for decoder in args.decoders.split(","):
         for cache in args.caches.split(","):
-            if (decoder, cache) in (("hf", "roomy"), ("prune", "static")):
+            if cache not in ALLOWED[decoder]:
                 continue  # the roomy cache is the pruned decoder's; model.generate's default one concatenates
             for batch_size in (int(b) for b in args.batch_sizes.split(",")):
                 rows += profile(model, tokenizer, prompts, batch_size, args.max_new_tokens, decoder, cache)

@@ -1,9 +1,12 @@
 """Generation for the EX stages: prompts in, answer texts out (batching by length, stopping, greedy or sampled).
 
-Two decoders give the same greedy answers for the same batch (a test checks it on CPU):
-- "prune" (default): one prefill of the left-padded batch, then a token at a time; an answer that has ended
+Three decoders give the same greedy answers for the same batch (a test checks it on CPU):
+- "prune": one prefill of the left-padded batch, then a token at a time; an answer that has ended
   leaves the batch (its rows of the key/value cache are dropped), so one long answer no longer makes the whole
   batch pay for every step until the token cap;
+- "graph" (default): the same loop over static caches (StaticStep): a step of a power-of-two number of rows is captured
+  once as a CUDA graph and replayed, and a batch moves to the step half its size once its rows fit there;
+  models whose cache has other than full-attention layers (sliding windows) decode as "prune" does;
 - "hf": one `model.generate` call per batch (transformers' loop: every row decodes until the last one ends);
   `generate_kwargs` reach it, e.g. cache_implementation="static" for a compiled static cache.
 An answer ends at a stop token (eos, the template's end of turn) or, in the plain format, at a stop string
@@ -13,6 +16,7 @@ transformers' cache concatenates the whole layer anew at every step.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,13 +24,15 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-from scripts.gpu_memory import split_on_oom
+from scripts.gpu_memory import is_out_of_memory, release_memory, split_on_oom
 from scripts.models import keep_last_logits
 from scripts.prompts import end_of_turn, stop_strings
 
-DECODERS = ("prune", "hf")
+log = logging.getLogger(__name__)
+
+DECODERS = ("prune", "graph", "hf")
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,169 @@ def make_room(cache, room: int) -> None:
             cache.layers[i] = RoomyLayer(layer, room)
 
 
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+class StaticStep:
+    """One decoding step of `rows` rows over static caches of `length` positions (transformers' StaticLayer): its
+    inputs sit in fixed buffers, so on a GPU the whole step is captured once as a CUDA graph and each later step is
+    one replay, where an eager step launches every kernel of every layer from Python. The mask hides the cache's
+    padding and the positions not yet written; elsewhere than on a GPU the step runs eagerly on the same buffers."""
+
+    def __init__(self, model, rows: int, length: int, like: Sequence, capture: bool = True):
+        keys = like[0].keys
+        self.model, self.rows, self.length = model, rows, length
+        self.ids = torch.zeros(rows, 1, dtype=torch.long, device=keys.device)
+        self.positions = torch.zeros(rows, dtype=torch.long, device=keys.device)  # of the token fed next
+        self.slot = torch.zeros(1, dtype=torch.long, device=keys.device)  # the cache position it is written at
+        self.mask = torch.zeros(rows, length, dtype=torch.bool, device=keys.device)
+        self.layers = [StaticLayer(max_cache_len=length) for _ in like]
+        for layer, other in zip(self.layers, like):
+            layer.lazy_initialization(other.keys[:1, :, :1].expand(rows, -1, -1, -1),
+                                      other.values[:1, :, :1].expand(rows, -1, -1, -1))
+        self.cache = Cache(layers=self.layers)
+        self.last_only = keep_last_logits(model, 1)
+        self.graph, self.logits = None, None
+        if capture and keys.device.type == "cuda":
+            self._capture()
+
+    def _forward(self) -> torch.Tensor:
+        """The step itself: the slot unmasked, the model run, slot and positions moved on; the last logits."""
+        self.mask.index_fill_(1, self.slot, True)
+        out = self.model(input_ids=self.ids, attention_mask=self.mask[:, None, None, :],
+                         position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True,
+                         **self.last_only)
+        self.slot += 1
+        self.positions += 1
+        return out.logits[:, -1]
+
+    def _capture(self) -> None:
+        """Capture the step as a CUDA graph, after one run outside it (kernels chosen, workspaces made); both runs
+        write junk that `load` or `take` overwrites."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._forward()
+        self.graph = graph
+
+    def _reset_rows(self, n: int) -> None:
+        """Rows from n on pad the step: each attends to its first position only (never an empty softmax)."""
+        self.mask[n:] = False
+        self.mask[n:, 0] = True
+
+    def load(self, prefill: Sequence, mask: torch.Tensor, positions: torch.Tensor) -> None:
+        """Take a prefilled batch: its cache layers, 2-D attention mask and positions."""
+        n, length = mask.shape
+        for layer, filled in zip(self.layers, prefill):
+            layer.keys[:n, :, :length] = filled.keys
+            layer.values[:n, :, :length] = filled.values
+            layer.cumulative_length.fill_(length)
+        self.mask[:n, :length] = mask.bool()
+        self.mask[:n, length:] = False
+        self._reset_rows(n)
+        self.slot.fill_(length)
+        self.positions[:n] = positions[:, -1] + 1
+
+    def take(self, other: StaticStep, rows: torch.Tensor) -> None:
+        """Take these rows of a larger step, mid-answer."""
+        n = rows.numel()
+        for mine, theirs in zip(self.layers, other.layers):
+            torch.index_select(theirs.keys, 0, rows, out=mine.keys[:n])
+            torch.index_select(theirs.values, 0, rows, out=mine.values[:n])
+            mine.cumulative_length.copy_(theirs.cumulative_length)
+        torch.index_select(other.mask, 0, rows, out=self.mask[:n])
+        self._reset_rows(n)
+        self.slot.copy_(other.slot)
+        self.positions[:n] = other.positions[rows]
+
+    def __call__(self, rows: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """The next logits of every row of the step, after feeding `chosen` to these rows."""
+        self.ids[rows, 0] = chosen
+        if self.graph is None:
+            return self._forward()
+        self.graph.replay()
+        return self.logits
+
+
+class StepGraphs:
+    """The static steps of one `generate` call, by rows (powers of two), for one cache length at a time: batches come
+    longest first, so a length once left is not seen again, and its steps are freed."""
+
+    LENGTH_STEP = 128  # cache lengths are rounded up to a multiple, so that batches of similar length share steps
+
+    def __init__(self, model):
+        self.model, self.length, self.steps = model, 0, {}
+        self.unfit_reported, self.capture = False, True
+
+    @staticmethod
+    def fits(cache) -> bool:
+        """Whether every layer of a prefilled cache is a plain full-attention one (a static copy attends alike)."""
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4
+                                    for layer in layers)
+
+    def report_unfit(self, cache) -> None:
+        """Say once that this model's cache decodes eagerly (sliding-window or other layers)."""
+        if not self.unfit_reported:
+            kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+            log.info("static decoding steps need full-attention cache layers; this model's are %s: eager steps",
+                     ", ".join(kinds) or type(cache).__name__)
+            self.unfit_reported = True
+
+    def step(self, rows: int, length: int, like: Sequence) -> StaticStep:
+        """The step for this many rows (rounded up to a power of two) and at least this cache length."""
+        length = -(-length // self.LENGTH_STEP) * self.LENGTH_STEP
+        if length != self.length:
+            self.clear()
+            self.length = length
+        rows = _power_of_two(rows)
+        if rows not in self.steps:
+            try:
+                self.steps[rows] = StaticStep(self.model, rows, length, like, self.capture)
+            except Exception as error:  # noqa: BLE001 - a model whose step cannot be a graph decodes eagerly
+                if not self.capture or is_out_of_memory(error):
+                    raise
+                log.warning("this model's decoding step cannot be captured as a CUDA graph (%s: %s); its steps run "
+                            "eagerly", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+                self.capture = False
+                self.steps[rows] = StaticStep(self.model, rows, length, like, capture=False)
+        return self.steps[rows]
+
+    def clear(self) -> None:
+        """Free every step (its caches and graph)."""
+        self.steps.clear()
+        self.length = 0
+
+
+class _GraphedSteps:
+    """Decoding steps of one batch through StepGraphs: in the smallest step that holds its rows; once its rows fit a
+    step half the size, they move there (a row that ended before decodes on, unread, until then)."""
+
+    def __init__(self, graphs: StepGraphs, cache, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int):
+        self.graphs, self.length = graphs, mask.shape[1] + max_new_tokens
+        self.step = graphs.step(mask.shape[0], self.length, cache.layers)
+        self.step.load(cache.layers, mask, positions)
+        self.rows = torch.arange(mask.shape[0], device=mask.device)  # the step's row of each row still in the batch
+
+    def drop(self, keep: torch.Tensor) -> None:
+        """Keep only these rows."""
+        self.rows = self.rows[keep]
+        if _power_of_two(self.rows.numel()) < self.step.rows:
+            smaller = self.graphs.step(self.rows.numel(), self.length, self.step.layers)
+            smaller.take(self.step, self.rows)
+            self.step, self.rows = smaller, torch.arange(self.rows.numel(), device=self.rows.device)
+
+    def __call__(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The next logits of each row, after feeding it `chosen`."""
+        return self.step(self.rows, chosen)[self.rows]
+
+
 def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
     """Indices of the prompts grouped into batches of similar token length (longest first)."""
     if not prompts:  # every answer already stored (a resumed run), or a process of a launch with no share
@@ -149,7 +318,7 @@ def generate(
     done: Callable[[list[int], list, float], None] | None = None,
     skip: Iterable[int] = (),
     sampling: Sampling | None = None,
-    decoder: str = "prune",
+    decoder: str = "graph",
     roomy_cache: bool = True,
     **generate_kwargs,
 ) -> list:
@@ -164,17 +333,32 @@ def generate(
     outputs: list = [None] * len(prompts)
     eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
     batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
+    graphs = StepGraphs(model) if decoder == "graph" else None
     for batch in tqdm(batches, desc="generating SQL", unit="batch"):
         indices = [todo[i] for i in batch]
         start = time.perf_counter()
 
         def run(part: list[int]) -> list:
             texts = [prompts[i] for i in part]
-            if sampling:  # seeded by the batch's first prompt, so a resumed run samples the same answers
-                torch.manual_seed(sampling.seed * 1_000_003 + part[0])
-            if decoder == "hf":
-                return _generate_hf(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, **generate_kwargs)
-            return _generate_pruned(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, roomy_cache)
+
+            def attempt() -> list:
+                if sampling:  # seeded by the batch's first prompt, so a resumed run samples the same answers
+                    torch.manual_seed(sampling.seed * 1_000_003 + part[0])
+                if decoder == "hf":
+                    return _generate_hf(model, tokenizer, texts, max_new_tokens, eos, stops, sampling,
+                                        **generate_kwargs)
+                return _generate_pruned(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, roomy_cache,
+                                        graphs)
+
+            try:
+                return attempt()
+            except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried, the rest re-raised
+                if graphs is None or not graphs.steps or not is_out_of_memory(error):
+                    raise
+            graphs.clear()  # the steps kept for later batches hold memory this batch may need
+            release_memory()
+            log.info("out of GPU memory beside the static steps kept for later batches; freed, decoding again")
+            return attempt()  # out of memory again: split_on_oom splits the batch
 
         answers = split_on_oom(run, indices, "answers")
         for i, answer in zip(indices, answers):
@@ -209,49 +393,90 @@ def _generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, eos:
     return _group([cut_at_stop(text, stops) for text in texts], sampling and sampling.n)
 
 
-@torch.inference_mode()
-def _generate_pruned(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int],
-                     stops: Sequence[str], sampling: Sampling | None, roomy_cache: bool = True) -> list:
-    """Answers of one left-padded batch, decoded a token at a time; an ended answer leaves the batch."""
+def _prefill(model, tokenizer, prompts: list[str], sampling: Sampling | None):
+    """The prefill of one left-padded batch (n rows per prompt when sampling): (its output, mask, positions)."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if sampling:  # n rows per prompt, next to each other (as num_return_sequences orders them)
         ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
-    rows = ids.shape[0]
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     last_only = keep_last_logits(model, 1)  # the prefill's logits at the last position only, as generate does
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
-    cache = out.past_key_values  # the model's own cache class (sliding-window layers where it has them)
-    if roomy_cache:
-        make_room(cache, max_new_tokens)
-    alive = torch.arange(rows, device=ids.device)  # the original row of each row still in the batch
-    tokens = torch.empty(rows, 0, dtype=torch.long, device=ids.device)  # new tokens of the rows still in the batch
+    return out, mask, positions
+
+
+class _EagerSteps:
+    """Decoding steps through the model's own cache (roomy or concatenating): the rows that leave are dropped."""
+
+    def __init__(self, model, cache, mask: torch.Tensor, positions: torch.Tensor):
+        self.model, self.cache, self.mask, self.last = model, cache, mask, positions[:, -1]
+        self.last_only = keep_last_logits(model, 1)
+
+    def drop(self, keep: torch.Tensor) -> None:
+        """Keep only these rows."""
+        self.cache.batch_select_indices(keep)
+        self.mask, self.last = self.mask[keep], self.last[keep]
+
+    def __call__(self, chosen: torch.Tensor) -> torch.Tensor:
+        """The next logits of each row, after feeding it `chosen`."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        self.last = self.last + 1
+        out = self.model(input_ids=chosen[:, None], attention_mask=self.mask, position_ids=self.last[:, None],
+                         past_key_values=self.cache, use_cache=True, **self.last_only)
+        return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def _generate_pruned(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int],
+                     stops: Sequence[str], sampling: Sampling | None, roomy_cache: bool = True,
+                     graphs: StepGraphs | None = None) -> list:
+    """Answers of one left-padded batch, decoded a token at a time; an ended answer leaves the batch. With
+    `graphs`, steps run over static caches (CUDA graphs on a GPU) where the model's cache allows it."""
+    out, mask, positions = _prefill(model, tokenizer, prompts, sampling)
+    cache, first = out.past_key_values, out.logits[:, -1]  # the model's own cache class
+    del out
+    if graphs is not None and graphs.fits(cache):
+        steps = _GraphedSteps(graphs, cache, mask, positions, max_new_tokens)
+        del cache  # its static copy holds the keys and values now
+    else:
+        if graphs is not None:
+            graphs.report_unfit(cache)
+        if roomy_cache:
+            make_room(cache, max_new_tokens)
+        steps = _EagerSteps(model, cache, mask, positions)
+    answers = _decode(first, steps, tokenizer, max_new_tokens, eos, stops, sampling)
+    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
+    return _group([cut_at_stop(text, stops) for text in texts], sampling and sampling.n)
+
+
+def _decode(logits: torch.Tensor, steps, tokenizer, max_new_tokens: int, eos: list[int], stops: Sequence[str],
+            sampling: Sampling | None) -> list[list[int]]:
+    """The new tokens of each row, from the prefill's last logits: a token at a time, ended rows dropped."""
+    rows, device = logits.shape[0], logits.device
+    alive = torch.arange(rows, device=device)  # the original row of each row still in the batch
+    tokens = torch.empty(rows, 0, dtype=torch.long, device=device)  # new tokens of the rows still in the batch
     answers: list[list[int]] = [[] for _ in range(rows)]
-    stop_ids = torch.tensor(eos, device=ids.device)
+    stop_ids = torch.tensor(eos, device=device)
     stop_text = StopAtText(tokenizer, stops, 0) if stops else None
-    last = positions[:, -1]
     for step in range(max_new_tokens):
-        chosen = _next_tokens(out.logits[:, -1], sampling)
+        chosen = _next_tokens(logits, sampling)
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
         ended = torch.isin(chosen, stop_ids)
         if stop_text is not None:
             ended |= stop_text(tokens, None)
-        if ended.any() or step == max_new_tokens - 1:
+        final = step == max_new_tokens - 1
+        if final or ended.any():
             for row, original in enumerate(alive.tolist()):
-                if ended[row] or step == max_new_tokens - 1:
+                if final or ended[row]:
                     answers[original] = tokens[row].tolist()
         keep = (~ended).nonzero().flatten()
-        if step == max_new_tokens - 1 or keep.numel() == 0:
+        if final or keep.numel() == 0:
             break
         if keep.numel() < alive.numel():
-            cache.batch_select_indices(keep)
-            alive, tokens, mask, last, chosen = alive[keep], tokens[keep], mask[keep], last[keep], chosen[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        last = last + 1
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=last[:, None],
-                    past_key_values=cache, use_cache=True, **last_only)
-    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    return _group([cut_at_stop(text, stops) for text in texts], sampling and sampling.n)
+            steps.drop(keep)
+            alive, tokens, chosen = alive[keep], tokens[keep], chosen[keep]
+        logits = steps(chosen)
+    return answers
 
 
 def _next_tokens(logits: torch.Tensor, sampling: Sampling | None) -> torch.Tensor:

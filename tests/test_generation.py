@@ -1,10 +1,12 @@
-"""Generation: both decoders and every batch size answer like one prompt at a time; stops; sampling."""
+"""Generation: every decoder and batch size answer like one prompt at a time; stops; sampling."""
+import logging
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from scripts.generation import RoomyLayer, Sampling, generate, make_room
+from scripts.generation import DECODERS, RoomyLayer, Sampling, StaticStep, generate, make_room
 from scripts.models import ensure_pad_token
 from scripts.prompts import render
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -20,12 +22,12 @@ def prompts(tokenizer) -> list[str]:
     return [render(tokenizer, SCHEMA, q)[0] for q in QUESTIONS]
 
 
-def ending_model(kind: str = "chatml", adapter: bool = False, arch: str = "llama"):
+def ending_model(kind: str = "chatml", adapter: bool = False, arch: str = "llama", **config):
     """A tiny model whose greedy answers end at different steps (eos made likely after a few tokens), and its
     tokenizer; with `adapter`, wrapped in a random PEFT LoRA as the EX stage of an adapter is."""
     tokenizer = build_tokenizer(kind)
     ensure_pad_token(tokenizer)
-    model = build_tiny_model(tokenizer, arch=arch, initializer_range=0.2).eval()
+    model = build_tiny_model(tokenizer, arch=arch, initializer_range=0.2, **config).eval()
     with torch.no_grad():
         model.lm_head.weight[tokenizer.eos_token_id] *= 3  # some answers end early, others run to the cap
     if adapter:
@@ -35,14 +37,14 @@ def ending_model(kind: str = "chatml", adapter: bool = False, arch: str = "llama
 
 
 @pytest.mark.parametrize("adapter,arch", [(False, "llama"), (True, "llama"), (False, "mistral")])
-def test_both_decoders_answer_like_one_prompt_at_a_time(adapter, arch):
+def test_every_decoder_answers_like_one_prompt_at_a_time(adapter, arch):
     model, tokenizer = ending_model(adapter=adapter, arch=arch)
     texts = prompts(tokenizer)
     one_by_one = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="hf")
     assert len(set(one_by_one)) > 1  # the answers differ, so a mix-up of their order would show
     lengths = {len(tokenizer(t)["input_ids"]) for t in one_by_one}
     assert len(lengths) > 1  # and they end at different steps, so rows leave the pruned batch at different times
-    for decoder in ("hf", "prune"):
+    for decoder in DECODERS:
         batches = []
         batched = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, decoder=decoder,
                            done=lambda indices, answers, seconds: batches.append(indices))
@@ -55,7 +57,7 @@ def test_sampling_gives_n_seeded_answers_per_prompt():
     model, tokenizer = ending_model()
     texts = prompts(tokenizer)[:3]
     sampling = Sampling(n=4, temperature=1.0, top_p=0.9, seed=1)
-    for decoder in ("hf", "prune"):
+    for decoder in DECODERS:
         first = generate(model, tokenizer, texts, batch_size=2, max_new_tokens=10, sampling=sampling,
                          decoder=decoder)
         assert [len(c) for c in first] == [4, 4, 4] and all(isinstance(a, str) for c in first for a in c)
@@ -84,6 +86,30 @@ def test_an_out_of_memory_batch_is_split_in_halves(monkeypatch):
     monkeypatch.setattr(generation, "_generate_pruned", small_gpu)
     assert generate(model, tokenizer, texts, batch_size=4, max_new_tokens=8) == expected
     assert sizes[:3] == [4, 2, 1] and max(sizes[3:]) <= 2
+
+
+def test_out_of_memory_beside_kept_static_steps_frees_them_before_splitting(monkeypatch):
+    import scripts.generation as generation
+
+    model, tokenizer = ending_model()
+    texts = prompts(tokenizer)
+    expected = generate(model, tokenizer, texts, batch_size=2, max_new_tokens=8, decoder="prune")
+    real, calls = generation._prefill, []
+
+    def tight_gpu(model, tokenizer, batch, *args, **kwargs):
+        calls.append(len(batch))
+        if len(calls) == 2:  # the second batch's first attempt, while the first batch's steps are kept
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, tokenizer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_prefill", tight_gpu)
+    cleared = []
+    real_clear = generation.StepGraphs.clear
+    monkeypatch.setattr(generation.StepGraphs, "clear", lambda self: (cleared.append((len(calls), len(self.steps))),
+                                                                       real_clear(self)))
+    assert generate(model, tokenizer, texts, batch_size=2, max_new_tokens=8, decoder="graph") == expected
+    assert calls[:3] == [2, 2, 2]  # tried again whole, not split in halves
+    assert any(call == 2 and steps > 0 for call, steps in cleared)  # the kept steps were freed after the error
 
 
 class ForceText(LogitsProcessor):
@@ -191,3 +217,85 @@ def test_the_pruned_decoder_answers_alike_with_either_cache(roomy):
     texts = prompts(tokenizer)
     reference = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="hf")
     assert generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, roomy_cache=roomy) == reference
+
+
+def count_static_steps(monkeypatch) -> dict:
+    """Counts of the static steps built and of the moves of a batch into a smaller one, while a test runs."""
+    counts = {"built": 0, "moved": 0}
+    real_init, real_take = StaticStep.__init__, StaticStep.take
+
+    def init(self, *args, **kwargs):
+        counts["built"] += 1
+        real_init(self, *args, **kwargs)
+
+    def take(self, *args, **kwargs):
+        counts["moved"] += 1
+        real_take(self, *args, **kwargs)
+
+    monkeypatch.setattr(StaticStep, "__init__", init)
+    monkeypatch.setattr(StaticStep, "take", take)
+    return counts
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_the_graph_decoder_moves_a_batch_into_smaller_steps_and_answers_alike(adapter, monkeypatch):
+    # Mistral v0.3's layout: full attention (no sliding window), grouped key/value heads
+    model, tokenizer = ending_model(adapter=adapter, arch="mistral", sliding_window=None)
+    texts = prompts(tokenizer)
+    reference = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="hf")
+    counts = count_static_steps(monkeypatch)
+    assert generate(model, tokenizer, texts, batch_size=5, max_new_tokens=16, decoder="graph") == reference
+    assert counts["built"] >= 2 and counts["moved"] >= 1  # 8 rows (5 used), then 4 or fewer once some ended
+
+
+def test_the_graph_decoder_leaves_sliding_window_models_to_eager_steps(monkeypatch, caplog):
+    model, tokenizer = ending_model(arch="mistral")  # the tiny Mistral's layers are sliding-window ones
+    texts = prompts(tokenizer)
+    counts = count_static_steps(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="scripts.generation"):
+        graphed = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, decoder="graph")
+    assert graphed == generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, decoder="prune")
+    assert counts["built"] == 0 and caplog.text.count("DynamicSlidingWindowLayer") == 1  # said once, not per batch
+
+
+def test_static_steps_share_a_cache_length_and_free_the_longer_one(monkeypatch):
+    from scripts.generation import StepGraphs
+
+    model, tokenizer = ending_model()
+    layers = model(**tokenizer(["a b c"], return_tensors="pt"), use_cache=True).past_key_values.layers
+    graphs = StepGraphs(model)
+    first = graphs.step(5, 300, layers)
+    assert (first.rows, first.length) == (8, 384) and graphs.step(7, 290, layers) is first  # same rows and length
+    smaller = graphs.step(3, 300, layers)
+    assert smaller.rows == 4 and graphs.steps == {8: first, 4: smaller}
+    shorter = graphs.step(8, 200, layers)
+    assert shorter.length == 256 and graphs.steps == {8: shorter}  # the longer length's steps are gone
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("adapter", [False, True])
+def test_on_a_gpu_the_graph_decoder_replays_captured_steps_and_answers_alike(adapter, monkeypatch):
+    model, tokenizer = ending_model(adapter=adapter)
+    model = model.cuda()
+    texts = prompts(tokenizer)
+    reference = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="prune")
+    captured = []
+    real_capture = StaticStep._capture
+    monkeypatch.setattr(StaticStep, "_capture", lambda self: (real_capture(self), captured.append(self.graph)))
+    assert generate(model, tokenizer, texts, batch_size=5, max_new_tokens=16, decoder="graph") == reference
+    assert len(captured) >= 2 and all(graph is not None for graph in captured)
+
+
+@needs_gpu
+def test_on_a_gpu_a_step_that_cannot_be_captured_runs_eagerly(caplog):
+    model, tokenizer = ending_model()
+    model = model.cuda()
+    model.model.layers[0].register_forward_pre_hook(lambda module, args: [float(args[0].sum())] and None)  # a sync
+    texts = prompts(tokenizer)
+    reference = generate(model, tokenizer, texts, batch_size=5, max_new_tokens=16, decoder="prune")
+    with caplog.at_level(logging.WARNING, logger="scripts.generation"):
+        assert generate(model, tokenizer, texts, batch_size=5, max_new_tokens=16, decoder="graph") == reference
+    assert caplog.text.count("cannot be captured as a CUDA graph") == 1
