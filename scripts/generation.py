@@ -97,10 +97,15 @@ def _with_room(states: torch.Tensor, room: int) -> torch.Tensor:
     return roomy
 
 
+def _full_attention(layer) -> bool:
+    """Whether a cache layer is a filled, plain full-attention DynamicLayer (not a sliding-window or other kind)."""
+    return type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4
+
+
 def make_room(cache, room: int) -> None:
     """Gives each full-attention layer of a prefilled DynamicCache room for `room` more positions (others as they are)."""
     for i, layer in enumerate(getattr(cache, "layers", [])):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+        if _full_attention(layer):
             cache.layers[i] = RoomyLayer(layer, room)
 
 
@@ -208,8 +213,7 @@ class StepGraphs:
     def fits(cache) -> bool:
         """Whether every layer of a prefilled cache is a plain full-attention one (a static copy attends alike)."""
         layers = getattr(cache, "layers", None)
-        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4
-                                    for layer in layers)
+        return bool(layers) and all(_full_attention(layer) for layer in layers)
 
     def report_unfit(self, cache) -> None:
         """Say once that this model's cache decodes eagerly (sliding-window or other layers)."""
