@@ -1,4 +1,4 @@
-"""Benchmark of Spider dev SQL generation: batch sizes and cache levers against a small-batch reference, in one process.
+"""Benchmark of Spider dev SQL generation: decoders, batch sizes and caches against the pruned decoder, in one process.
 
 Usage: python -m bench.bench_generation MODEL SPIDER_ZIP [--n N] [--quantization none|4bit] [--adapter DIR]
     [--eval-precision 4bit|merged] [--only NAME,...] [--out DIR]
@@ -20,7 +20,7 @@ from scripts.spider_data import SpiderLayout, load_split, prepare_spider
 
 CONCATENATING = {"roomy_cache": False}  # transformers' cache: each step concatenates every layer anew
 VARIANTS = {  # name: (batch size, extra generate arguments); the first is the reference (names hold no comma)
-    "batch 1024 pruned roomy cache (the pipeline until 2026-12-04)": (1024, {"decoder": "prune"}),
+    "batch 1024 pruned roomy cache (the decoder before the graph one)": (1024, {"decoder": "prune"}),
     "batch 1024 graph (static caches and CUDA graphs)": (1024, {"decoder": "graph"}),
     "batch 256 pruned roomy cache": (256, {"decoder": "prune"}),
     "batch 256 graph": (256, {"decoder": "graph"}),
