@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from scripts.generation import DECODERS, RoomyLayer, Sampling, StaticStep, generate, make_room
+from scripts.generation import DECODERS, RoomyLayer, Sampling, StaticStep, StepGraphs, generate, make_room
 from scripts.models import ensure_pad_token
 from scripts.prompts import render
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -258,9 +258,7 @@ def test_the_graph_decoder_leaves_sliding_window_models_to_eager_steps(monkeypat
     assert counts["built"] == 0 and caplog.text.count("DynamicSlidingWindowLayer") == 1  # said once, not per batch
 
 
-def test_static_steps_share_a_cache_length_and_free_the_longer_one(monkeypatch):
-    from scripts.generation import StepGraphs
-
+def test_static_steps_share_a_cache_length_and_free_the_longer_one():
     model, tokenizer = ending_model()
     layers = model(**tokenizer(["a b c"], return_tensors="pt"), use_cache=True).past_key_values.layers
     graphs = StepGraphs(model)
