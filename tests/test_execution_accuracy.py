@@ -381,11 +381,11 @@ print(json.dumps({{"module": type(metric).__module__, "ex": out["ex"], "errors":
 
 # ---------------------------------------------------------------- real Spider dev
 
-def test_dev_gold_against_itself(shared_spider):
-    lines = (shared_spider / "dev_gold.sql").read_text().splitlines()
+def test_dev_gold_against_itself(real_spider):
+    lines = (real_spider / "dev_gold.sql").read_text().splitlines()
     golds, db_ids = zip(*(line.split("\t") for line in lines))
-    summary = execution_accuracy(golds, golds, db_ids, shared_spider / "database",
-                                 table_file=shared_spider / "tables.json")
+    summary = execution_accuracy(golds, golds, db_ids, real_spider / "database",
+                                 table_file=real_spider / "tables.json")
     assert summary["total"] == 1034 and summary["count"] == 972 and summary["ex"] == 1.0
     assert summary["db_missing"] == {"wta_1": 62}
     missing = [e for d, e in zip(db_ids, summary["per_example"]) if d == "wta_1"]
@@ -393,9 +393,9 @@ def test_dev_gold_against_itself(shared_spider):
     assert sum(v["count"] for v in summary["by_hardness"].values()) == 972
 
 
-def test_remove_distinct_fast_path_on_gold_queries(shared_spider):
-    lines = (shared_spider / "dev_gold.sql").read_text().splitlines()
-    lines += (shared_spider / "train_gold.sql").read_text().splitlines()[::10]  # a sample keeps it fast
+def test_remove_distinct_fast_path_on_gold_queries(real_spider):
+    lines = (real_spider / "dev_gold.sql").read_text().splitlines()
+    lines += (real_spider / "train_gold.sql").read_text().splitlines()[::10]  # a sample keeps it fast
     for query in (line.split("\t")[0] for line in lines):
         official = "".join(t.value for t in sqlparse.parse(query)[0].flatten() if t.value.lower() != "distinct")
         assert remove_distinct(query) == official, query

@@ -125,11 +125,11 @@ def test_user_errors_name_the_file_and_line(tmp_path, mmlu_dir):
         load_mmlu(mmlu_dir, "dev")
 
 
-def test_real_mmlu_counts(shared_mmlu):
-    test = load_mmlu(shared_mmlu)
+def test_real_mmlu_counts(real_mmlu):
+    test = load_mmlu(real_mmlu)
     assert len(test) == 14042 and len({q["subject"] for q in test}) == 57
-    assert len(load_mmlu(shared_mmlu, "dev")) == 285
-    assert len(load_mmlu(shared_mmlu, per_subject=10)) == 570
+    assert len(load_mmlu(real_mmlu, "dev")) == 285
+    assert len(load_mmlu(real_mmlu, per_subject=10)) == 570
 
 
 # --- prompt -----------------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def _near_tie_bf16_model(tokenizer, seed: int = 3):
     return model.to(torch.bfloat16).eval(), letters
 
 
-@pytest.mark.parametrize("share_prefix,data", [(True, "mmlu_dir"), (False, "mmlu_dir"), (True, "shared_mmlu")])
+@pytest.mark.parametrize("share_prefix,data", [(True, "mmlu_dir"), (False, "mmlu_dir"), (True, "real_mmlu")])
 def test_bf16_model_scores_the_letters_in_float32(request, share_prefix, data):
     tokenizer = _letter_tokenizer()
     model, letters = _near_tie_bf16_model(tokenizer)

@@ -121,11 +121,11 @@ def test_default_schema_comes_from_spider_data(spider):
     assert spider_data.schema_text(spider.db_path("concert"), 0) in data[0]["prompt"]
 
 
-def test_tables_json_schema_is_valid_sqlite_for_every_real_database(shared_spider):
+def test_tables_json_schema_is_valid_sqlite_for_every_real_database(real_spider):
     """The fallback schema of each real Spider database executes in SQLite and has the database's tables."""
-    entries = json.loads((shared_spider / "tables.json").read_text())
+    entries = json.loads((real_spider / "tables.json").read_text())
     for entry in entries:
-        script = schema_from_tables_json(shared_spider / "tables.json", entry["db_id"])
+        script = schema_from_tables_json(real_spider / "tables.json", entry["db_id"])
         with sqlite3.connect(":memory:") as con:
             con.executescript(script)
             created = {r[0].lower() for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}

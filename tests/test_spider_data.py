@@ -240,10 +240,10 @@ def test_sample_examples_seeded_stable_and_none_is_all():
         sample_examples(items, 0, seed=3)
 
 
-# --- the real data in ../shared/data -------------------------------------------------------------------
+# --- the real data in $TEXT2SQL_DATA -------------------------------------------------------------------
 
 def check_real_layout(layout) -> None:
-    """The shared copy: 7000 train, 1034 dev, wta_1's 62 dev examples without a database."""
+    """The real Spider: 7000 train, 1034 dev, wta_1's 62 dev examples without a database."""
     train, dev = load_split(layout, "train"), load_split(layout, "dev")
     assert len(train) == 7000 and len(dev) == 1034
     assert missing_databases(layout, dev) == {"wta_1": 62}
@@ -252,12 +252,12 @@ def check_real_layout(layout) -> None:
     assert 'CREATE TABLE "singer"' in text and 'INSERT INTO "singer" VALUES (1,' in text
 
 
-def test_real_unpacked_folder(shared_spider, tmp_path):
-    check_real_layout(prepare_spider(shared_spider, tmp_path / "unused"))
+def test_real_unpacked_folder(real_spider, tmp_path):
+    check_real_layout(prepare_spider(real_spider, tmp_path / "unused"))
 
 
-def test_real_zip_unpacks_into_tmp(shared_spider, tmp_path):
-    zip_path = shared_spider.parent / "spider_data.zip"
+def test_real_zip_unpacks_into_tmp(real_spider, tmp_path):
+    zip_path = real_spider.parent / "spider_data.zip"
     if not zip_path.is_file():
         pytest.skip(f"{zip_path} not found")
     layout = prepare_spider(zip_path, tmp_path / "spider")

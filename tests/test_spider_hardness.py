@@ -63,14 +63,14 @@ def test_unparseable_sql_raises(sql):
         hardness(sql)
 
 
-def test_dev_parser_agrees_with_the_official_parse(shared_spider):
-    dev = json.loads((shared_spider / "dev.json").read_text())
+def test_dev_parser_agrees_with_the_official_parse(real_spider):
+    dev = json.loads((real_spider / "dev.json").read_text())
     assert len(dev) == 1034
     mismatches = [e["query"] for e in dev if hardness(e["query"]) != hardness_from_parsed(e["sql"])]
     assert mismatches == []
 
 
-def test_dev_distribution_is_the_published_one(shared_spider):
-    dev = json.loads((shared_spider / "dev.json").read_text())
+def test_dev_distribution_is_the_published_one(real_spider):
+    dev = json.loads((real_spider / "dev.json").read_text())
     counts = Counter(hardness_from_parsed(e["sql"]) for e in dev)
     assert counts == {"easy": 248, "medium": 446, "hard": 174, "extra": 166}

@@ -304,7 +304,7 @@ def test_completed_run_is_skipped_unless_forced(tmp_path):
     assert loader.calls == 2 and forced["summary"]["resumed_from"] is None
 
 
-def test_stages_3_and_4_on_real_spider(shared_spider, tmp_path):
+def test_stages_3_and_4_on_real_spider(real_spider, tmp_path):
     """preprocess_stage -> train_stage as main.py calls them, on a small sample of the real Spider train split."""
     from types import SimpleNamespace
 
@@ -320,7 +320,7 @@ def test_stages_3_and_4_on_real_spider(shared_spider, tmp_path):
         stages=("preprocess", "train"), results_dir=tmp_path / "results", quantization="none", hf_token=None, force=False,
     )
     models = SimpleNamespace(get=lambda adapter=None: loader("tiny/chatml", quantization="none", token=None, for_training=True))
-    train = spider_set(prepare_spider(shared_spider, tmp_path / "unused"), "train")
+    train = spider_set(prepare_spider(real_spider, tmp_path / "unused"), "train")
     train_set = preprocess_stage(settings, StageCache(tmp_path / "stages"), train, models)
     rows = load_jsonl(train_set["path"])
     assert train_set["stats"]["sampled"] == 6 and len(rows) == train_set["stats"]["kept"] > 0
