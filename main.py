@@ -41,9 +41,8 @@ VOTE_TOP_P = 0.95
 SELECT_ADAPTER_ON = "greedy"  # the best adapter by "greedy" or "voted" EX
 # --------------------------------------------------------------------------------------------------------
 
-from scripts import distributed, evaluate, mmlu, pre_proc, regression, report, spider_data, training  # noqa: E402
+from scripts import distributed  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
-from scripts.models import check_model_source  # noqa: E402
 from scripts.run_state import StageCache  # noqa: E402
 from scripts.settings import Settings, parse_args, resolve_settings  # noqa: E402
 from scripts.store import ResultsStore  # noqa: E402
@@ -76,12 +75,16 @@ def config_defaults() -> dict:
 
 def run(s: Settings) -> dict:
     """The whole pipeline, stage by stage; a stage left out of --stages reuses its saved result if any."""
+    # the stages bring torch and transformers (seconds to import): loaded here, so --help and a bad flag answer at once
+    from scripts import evaluate, mmlu, pre_proc, regression, report, spider_data, training
+    from scripts.models import ModelCache, check_model_source
+
     training.validate_training_configs(s.training_configs)  # every input is checked before anything is written
     check_model_source(s.base_model_id, s.hf_token)  # a missing path, an unknown Hub id, the Hub unreachable
     mmlu.check_data(s)
     data = spider_data.prepare_stage(s)  # 1. the train and evaluation sets and their databases (Spider's or yours)
     cache = StageCache(s.results_dir / "stages", force=s.force)
-    models = evaluate.ModelCache(s)
+    models = ModelCache(s)
     # under accelerate launch the main process alone opens (and writes) the store; the others pass None
     with ResultsStore(s.db_path) if distributed.is_main() else nullcontext() as store:
         eval_sets = evaluate.eval_examples(s, data)  # each evaluation set's examples (seeded subset)
