@@ -1,6 +1,7 @@
 """Benchmark of execution_accuracy on Spider dev (gold vs gold) against a naive sequential reference.
 
-Usage: python -m bench.bench_execution_accuracy [SPIDER_DIR]   (default: ../shared/data/spider_data)
+Usage: python -m bench.bench_execution_accuracy [SPIDER_DIR]   (default: $TEXT2SQL_DATA/spider_data)
+SPIDER_DIR is the unpacked Spider folder (dev_gold.sql, database/).
 The reference does what the official evaluator does per example, the plain way: sqlparse on both
 queries, a new sqlite3 connection for every query, one example after the other, no pool, no guards.
 """
@@ -22,7 +23,7 @@ from custom_metrics.execution_accuracy import (
     result_eq,
 )
 
-DEFAULT_SPIDER = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "spider_data"
+DATA_ENV = "TEXT2SQL_DATA"  # a folder holding spider_data/ (as the tests read it)
 
 
 def load_gold(spider_dir: Path) -> tuple[list[str], list[str]]:
@@ -38,7 +39,7 @@ def _official_remove_distinct(sql: str) -> str:
 
 
 def _plain_execute(path: Path, sql: str) -> list[tuple] | None:
-    """A new connection per query (read-only URI so the shared data cannot change), no guards."""
+    """A new connection per query (read-only URI so the Spider databases cannot change), no guards."""
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     conn.text_factory = lambda b: b.decode(errors="ignore")
     try:
@@ -74,7 +75,10 @@ def naive_reference(preds: list[str], golds: list[str], db_ids: list[str], db_di
 
 
 def main(argv: list[str]) -> int:
-    spider_dir = Path(argv[0]) if argv else DEFAULT_SPIDER
+    if not argv and not os.environ.get(DATA_ENV):
+        print(f"error: pass the spider_data folder, or set {DATA_ENV} to the folder holding it", file=sys.stderr)
+        return 2
+    spider_dir = Path(argv[0]) if argv else Path(os.environ[DATA_ENV]) / "spider_data"
     if not (spider_dir / "dev_gold.sql").is_file():
         print(f"error: {spider_dir / 'dev_gold.sql'} not found; pass the spider_data folder", file=sys.stderr)
         return 2

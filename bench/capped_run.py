@@ -2,9 +2,11 @@
 
 Usage: python -m bench.capped_run --gpu-gb GIB [--out FILE.json] -- <main.py arguments>
 
-    python -m bench.seed_models mistral_7b --out /tmp/seed/mistral_7b --corpus ../shared/data/spider_data
+    python -m bench.seed_models mistral_7b --out /tmp/seed/mistral_7b --corpus "$TEXT2SQL_DATA/spider_data"
     python -m bench.capped_run --gpu-gb 16 --out /tmp/t4_mistral.json -- --model /tmp/seed/mistral_7b \\
-        --spider-zip ../shared/data/spider_data.zip --mmlu ../shared/data/mmlu --sample-size-train 200 --sample-size-eval 50
+        --spider-zip "$TEXT2SQL_DATA/spider_data.zip" --mmlu "$TEXT2SQL_DATA/mmlu" --sample-size-train 200 \\
+        --sample-size-eval 50
+(TEXT2SQL_DATA: a folder holding spider_data/, spider_data.zip and mmlu/.)
 
 `torch.cuda.set_per_process_memory_fraction(GIB / total)` caps what PyTorch's allocator may hand out on GPU 0 (an
 H200 stands in for a 16, 24 or 40 GB GPU; the CUDA context itself, ~0.5 GB, is outside the cap), then main.main
