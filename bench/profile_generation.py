@@ -38,7 +38,7 @@ def timed_batches(model, tokenizer, prompts: list[str], batch_size: int, max_new
 
 def kernel_table(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int, decoder: str,
                  cache: str, rows: int) -> str:
-    """The ops that took the most time while the first batch generated (torch.profiler: self device time on a
+    """The ops that took the most time while the first batch generated (torch.profiler: self CUDA time on a
     GPU, self CPU time without one), as torch prints them."""
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
