@@ -34,7 +34,8 @@ class SessionStats(TrainerCallback):
             return cls()
         record = Path(checkpoint) / ELAPSED_FILE
         if not record.exists():
-            log.warning("%s has no %s: the reported training time counts this session only", checkpoint, ELAPSED_FILE)
+            log.warning("%s has no %s: the reported training time counts this part of the resumed run only",
+                        checkpoint, ELAPSED_FILE)
             return cls()
         return cls(float(json.loads(record.read_text())["seconds"]))
 
@@ -42,7 +43,7 @@ class SessionStats(TrainerCallback):
         self.started = time.perf_counter()
 
     def session_seconds(self) -> float:
-        """Seconds since this session's training began."""
+        """Seconds since this part of the run (this call of Trainer.train) began."""
         return time.perf_counter() - self.started
 
     def seconds(self) -> float:
