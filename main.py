@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if not distributed.is_main():  # under accelerate launch the main process logs the run; the others only warnings
         logging.getLogger().setLevel(logging.WARNING)
     try:
-        settings = resolve_settings(config_defaults(), parse_args(argv))
+        settings = resolve_settings(config_defaults(), parse_args(argv, config_defaults()))
         log.info("settings: %s", settings.public())
         run(settings)
         distributed.finish()

@@ -292,11 +292,68 @@ def test_env_example_documents_every_key_and_parses_uncommented(tmp_path: Path, 
     assert len(s.training_configs) == 2 and s.sample_size_eval == 200
 
 
-def test_help_says_which_settings_are_inputs_and_outputs(capsys) -> None:
-    with pytest.raises(SystemExit):
-        parse_args(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--ft-dataset FILE input: your train set", "--eval-dataset FILE[,FILE...] input: your evaluation set",
-                 "--databases DIR input:", "--spider-zip SPIDER_ZIP input:", "--mmlu PATH_MMLU input:",
-                 "--results-dir RESULTS_DIR output:", "--db-path DB_PATH output:"):
-        assert flag in text, flag
+def help_text(monkeypatch, columns: int) -> str:
+    """main.py's --help at a terminal `columns` wide."""
+    import main
+    from scripts.settings import build_parser
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    return build_parser(main.config_defaults()).format_help()
+
+
+def test_help_groups_the_inputs_and_the_outputs(monkeypatch) -> None:
+    text = help_text(monkeypatch, 100)
+    inputs, outputs = text.split("\ninputs")[1].split("\noutputs:")
+    for flag in ("--ft-dataset FILE", "--eval-dataset FILE[,FILE...]", "--databases DIR", "--spider-zip PATH",
+                 "--mmlu DIR"):
+        assert flag in inputs and flag not in outputs, flag
+    assert "--results-dir DIR" in outputs and "--db-path FILE" in outputs
+
+
+def test_every_flag_has_a_help_naming_its_default() -> None:
+    """Each option: a help text; one that takes a value ends with its default, main.py's constant where it has one."""
+    import main
+    from scripts.settings import CONSTANTS, build_parser
+
+    constants = main.config_defaults()
+    for action in build_parser(constants)._actions:
+        flag = action.option_strings[-1]
+        assert action.help and action.help.strip(), flag
+        if action.nargs == 0:  # --help, --demo, --force: switches, off unless given
+            continue
+        assert "(default: " in action.help, flag
+        if action.dest in CONSTANTS and action.dest != "training_configs":
+            value = constants[action.dest]
+            assert f"(default: {'all' if value is None else value})" in action.help, flag
+    assert "(default: TRAINING_CONFIGS in main.py, 2 runs)" in build_parser(constants).format_help()
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_help_fits_the_terminal_and_keeps_names_whole(monkeypatch, columns: int) -> None:
+    text = help_text(monkeypatch, columns)
+    assert max(map(len, text.splitlines())) <= columns
+    lines = text.splitlines()
+    for stage in STAGES:  # the stage table: one stage a line, its name whole
+        assert sum(line.startswith(f"  {stage} ") for line in lines) == 1, stage
+    for name in ("openlm-research/open_llama_3b_v2", "SmolLM2-135M-Instruct", "<results-dir>/results.sqlite"):
+        assert name in text, name
+    assert not any(line.rstrip().endswith("(default:") for line in lines)
+
+
+def test_help_answers_without_loading_torch() -> None:
+    """`main.py --help` in a fresh process: exit 0, and none of the heavy libraries imported."""
+    import subprocess
+    import sys
+
+    script = ("import runpy, sys\n"
+              "sys.argv = ['main.py', '--help']\n"
+              "try:\n"
+              "    runpy.run_path('main.py', run_name='__main__')\n"
+              "except SystemExit as e:\n"
+              "    code = e.code\n"
+              "heavy = {'torch', 'transformers', 'datasets', 'peft', 'trl', 'accelerate', 'bitsandbytes'}\n"
+              "print('EXIT', code, sorted(heavy & {m.split('.')[0] for m in sys.modules}))\n")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60)
+    assert "usage: main.py" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "EXIT 0 []", done.stdout[-500:] + done.stderr
