@@ -109,7 +109,7 @@ def _try_render(tokenizer, messages: list[dict]) -> tuple[str, str] | None:
 
 
 def _consistent(prompt: str, full: str) -> bool:
-    """The full conversation starts with the prompt, both carry the instructions, and the answer follows."""
+    """The full conversation starts with the prompt, both hold the instructions, and the answer follows."""
     return full.startswith(prompt) and INSTRUCTIONS in prompt and _PROBE_ANSWER in full[len(prompt):]
 
 

@@ -43,7 +43,7 @@ class SentencePieceTokenizer(SentencePieceBackend):
         **kwargs,
     ) -> None:
         for ignored in ("legacy", "special_tokens_pattern", "clean_up_tokenization_spaces"):
-            kwargs.pop(ignored, None)  # set below; the Hub's LlamaTokenizer config may carry them
+            kwargs.pop(ignored, None)  # set below; the Hub's LlamaTokenizer config may hold them
         self.add_bos_token, self.add_eos_token = bool(add_bos_token), bool(add_eos_token)
         super().__init__(
             vocab_file=vocab_file, unk_token=unk_token, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,

@@ -138,7 +138,7 @@ def test_cached_connection_keeps_guards_per_query(db):
     cache = ConnectionCache(size=1)
     assert run_query(db, "DELETE FROM t", cache=cache).error == "not_read_only"
     assert run_query(db, "SELECT count(*) FROM t", cache=cache).rows == [(1000,)]
-    # the deadline is per query: a later query gets its own time budget
+    # the deadline is per query: a later query gets its own time limit
     assert run_query(db, "SELECT count(*) FROM t a, t b", 5.0, cache=cache).rows == [(1_000_000,)]
     cache.close()
 
