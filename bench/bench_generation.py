@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from bench import save_json, timed, warm_up
-from scripts.evaluate import build_prompts, extract_answers, score
+from scripts.answers import build_prompts, extract_answers, score
 from scripts.generation import generate
 from scripts.models import load_for_evaluation
 from scripts.spider_data import SpiderLayout, load_split, prepare_spider

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from bench import save_json, warm_up
-from scripts.evaluate import build_prompts
+from scripts.answers import build_prompts
 from scripts.generation import generate, length_sorted_batches
 from scripts.models import load_for_evaluation
 from scripts.spider_data import load_split, prepare_spider

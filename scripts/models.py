@@ -556,6 +556,32 @@ def load_for_evaluation(model_id: str, adapter: str | Path | None, quantization:
     return model.eval(), tokenizer
 
 
+class ModelCache:
+    """Keeps the last loaded model, so the baseline EX and MMLU stages share one load of the base model."""
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+        self._key: str | None = None
+        self._loaded = None
+
+    def get(self, adapter: str | None = None):
+        """(model, tokenizer) for the base model, or the base model with this adapter."""
+        key = adapter or ""
+        if self._key != key:
+            self.release()  # free the previous model before loading the next one
+            self._loaded = load_for_evaluation(self.settings.base_model_id, adapter, self.settings.quantization,
+                                               self.settings.eval_precision, token=self.settings.hf_token)
+            self._key = key
+        return self._loaded
+
+    def release(self) -> None:
+        """Drop the cached model and give its memory back (before training loads its own copy)."""
+        from scripts.gpu_memory import release_memory
+
+        self._key, self._loaded = None, None
+        release_memory()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Device facts for the report
 # ---------------------------------------------------------------------------------------------------------------

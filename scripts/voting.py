@@ -1,4 +1,4 @@
-"""Execution-guided voting: result fingerprints of SQL candidates and the pick of the most common result.
+"""Execution-guided voting: candidates sampled and stored, their result fingerprints, the most common result wins.
 
 A candidate is run the way the EX metric runs a prediction (custom_metrics/execution_accuracy.py: read, operators
 repaired, DISTINCT dropped, YEAR(CURDATE()) -> 2020) through the safe executor (custom_metrics/safe_sqlite.py:
@@ -15,16 +15,28 @@ first among the candidates; when nothing runs, the greedy answer stands.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
+import os
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import factorial, prod
 from pathlib import Path
 
-from custom_metrics.execution_accuracy import DB_MISSING, EMPTY, executed_sql, order_matters, read_prediction
+from custom_metrics.execution_accuracy import (DB_MISSING, EMPTY, database_files, executed_sql, order_matters,
+                                               read_prediction)
 from custom_metrics.safe_sqlite import EXEC_ERROR, OK, run_query
+from scripts.answers import example_key, extract_answers, generate_stored, recover, score
+from scripts.generation import Sampling
+from scripts.spider_data import SpiderLayout
+from scripts.store import Spool
+
+log = logging.getLogger(__name__)
 
 # Columns whose values are the same bag can be swapped by the metric's column permutation; the canonical form
 # tries every order of such columns up to this many, then orders the rest by their values (not exact beyond it).
@@ -156,3 +168,101 @@ def choose(greedy_sql: str, greedy: Outcome, candidate_sqls: list[str], outcomes
     winner = next(i for i, o in enumerate(outcomes) if counts.get(o.fingerprint) == top)
     fingerprint = outcomes[winner].fingerprint
     return Vote(candidate_sqls[winner], fingerprint, top, voters, True, greedy, outcomes)
+
+
+# ------------------------------------------------------------------ the voting stage of one evaluation set
+
+def vote_sampling(settings) -> Sampling | None:
+    """The sampling of execution-guided voting, or None when it is off (NUM_CANDIDATES 0 or 1)."""
+    if settings.num_candidates < 2:
+        return None
+    return Sampling(n=settings.num_candidates, temperature=settings.vote_temperature, top_p=settings.vote_top_p,
+                    seed=settings.seed)
+
+
+def sampling_config(sampling: Sampling) -> dict:
+    """The sampling settings of a vote, as stored with its candidates (n, temperature, top_p, seed)."""
+    return dataclasses.asdict(sampling)
+
+
+def sample_candidates(model, tokenizer, prompts: Sequence[str], examples: Sequence[dict], store, run_id: int | None,
+                      sampling: Sampling, resume: bool, spool: Spool | None, **generate_kwargs) -> list | None:
+    """n sampled answers per prompt, (texts, seconds) each; those the store holds for these settings are reused.
+
+    None on the other processes of a launch (the main process has every example's candidates)."""
+    config = sampling_config(sampling)
+    keys = [example_key(e) for e in examples]
+    add = (lambda rows: store.add_candidates(run_id, config, rows)) if store else None
+    recover(spool, add, resume, "candidates")
+    stored: dict[str, dict[int, dict]] = {}
+    for row in store.candidate_rows(run_id, config) if store and resume else []:
+        if row["raw_output"] is not None:
+            stored.setdefault(row["example_key"], {})[row["candidate_index"]] = row
+    candidates = []
+    for key in keys:
+        have = stored.get(key, {})
+        complete = all(j in have for j in range(sampling.n))
+        candidates.append(([have[j]["raw_output"] for j in range(sampling.n)],
+                           sum(have[j]["latency_s"] or 0.0 for j in range(sampling.n))) if complete else None)
+    if stored:
+        log.info("resuming: candidates of %d of %d examples already in the store",
+                 sum(c is not None for c in candidates), len(candidates))
+
+    def rows(i: int, texts: list[str], seconds: float) -> list[dict]:
+        return [{"example_key": keys[i], "candidate_index": j, "raw_output": text, "latency_s": seconds / len(texts)}
+                for j, text in enumerate(texts)]
+
+    return generate_stored(model, tokenizer, prompts, candidates, rows, add, spool, sampling=sampling,
+                           **generate_kwargs)
+
+
+def vote_and_score(examples: Sequence[dict], layout: SpiderLayout, greedy_sqls: list[str], greedy_results: list[dict],
+                   candidates: list, sampling: Sampling, *, timeout: float = 30.0, store=None,
+                   run_id: int | None = None) -> dict:
+    """Extract and execute every candidate, vote per example, score the voted answers with the same metric.
+
+    Returns the voted EX summary (`ex`, `count`, `by_hardness`, `errors`), how many answers the vote `changed`,
+    `gained` (greedy wrong, voted right) and `lost`, and `seconds`: the candidates' generation time (as stored)
+    plus this extraction, execution and scoring. Candidates and votes go to the store with their fingerprints.
+    """
+    start = time.perf_counter()
+    texts = [c[0] for c in candidates]
+    candidate_sqls = [extract_answers(ts, [e] * len(ts), layout) for ts, e in zip(texts, examples)]
+    db_files = {e["db_id"]: database_files(layout.database_dir, e["db_id"]) or [] for e in examples}
+
+    def one(i: int) -> Vote:
+        return vote(greedy_sqls[i], candidate_sqls[i], db_files[examples[i]["db_id"]], timeout)
+
+    # threads: SQLite runs outside Python's lock, so slow candidates time out together (as in the metric)
+    with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(examples)))) as pool:
+        votes = list(pool.map(one, range(len(examples))))
+    summary = score(examples, [v.sql for v in votes], layout, timeout=timeout)
+    per_example = summary.pop("per_example")
+    if store:
+        store_votes(store, run_id, sampling, examples, candidates, candidate_sqls, votes, per_example)
+    pairs = [(g["correct"], r["correct"]) for g, r in zip(greedy_results, per_example) if r["correct"] is not None]
+    summary.update(
+        changed=sum(v.changed for v in votes),
+        gained=sum(not g and r for g, r in pairs),
+        lost=sum(g and not r for g, r in pairs),
+        seconds=round(sum(c[1] or 0.0 for c in candidates) + time.perf_counter() - start, 1),
+        **sampling_config(sampling),
+    )
+    return summary
+
+
+def store_votes(store, run_id: int | None, sampling: Sampling, examples: Sequence[dict], candidates: list,
+                candidate_sqls: list[list[str]], votes: list[Vote], per_example: list[dict]) -> None:
+    """Every candidate with its SQL, fingerprint and error class, and one vote per example, into the store."""
+    config = sampling_config(sampling)
+    keys = [example_key(e) for e in examples]
+    store.add_candidates(run_id, config, [
+        {"example_key": key, "candidate_index": j, "raw_output": text, "extracted_sql": sql,
+         "fingerprint": outcome.fingerprint, "error": outcome.error, "latency_s": candidates[i][1] / sampling.n}
+        for i, key in enumerate(keys)
+        for j, (text, sql, outcome) in enumerate(zip(candidates[i][0], candidate_sqls[i], votes[i].candidates))])
+    store.add_votes(run_id, config, [
+        {"example_key": key, "greedy_fingerprint": v.greedy.fingerprint, "voted_sql": v.sql,
+         "fingerprint": v.fingerprint, "votes": v.votes, "voters": v.voters, "changed": v.changed,
+         "correct": result["correct"], "error": result["error"]}
+        for key, v, result in zip(keys, votes, per_example)])

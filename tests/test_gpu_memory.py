@@ -12,7 +12,7 @@ import main
 import scripts.models
 from scripts import gpu_memory
 from scripts.demo_data import build_demo_data
-from scripts.evaluate import ModelCache
+from scripts.models import ModelCache
 from scripts.settings import ENV_KEYS
 from tests.conftest import REPO_ROOT
 from tests.tiny_models import save_tiny_model

@@ -1,4 +1,4 @@
-"""Tests for scripts/mmlu.py: CSV loading and errors, the harness prompt, log-likelihood scoring on tiny models."""
+"""Tests for scripts/mmlu.py, mmlu_data.py and mmlu_scoring.py: CSV loading and errors, the harness prompt, log-likelihood scoring on tiny models."""
 import csv
 import functools
 from types import SimpleNamespace
@@ -11,20 +11,16 @@ from transformers import PreTrainedTokenizerFast
 from bench.bench_mmlu import harness_split
 from scripts.errors import UserError
 from scripts.mmlu import (
-    HARNESS_DEFAULT_LENGTH,
-    LETTERS,
     build_prompt,
-    context_size,
     encode_all_requests,
     encode_requests,
     evaluate_mmlu,
-    float32_head,
-    load_mmlu,
     mmlu_stage,
-    score_continuations,
     split_on_oom,
     summarize_mmlu,
 )
+from scripts.mmlu_data import LETTERS, load_mmlu
+from scripts.mmlu_scoring import HARNESS_DEFAULT_LENGTH, context_size, float32_head, score_continuations
 from scripts.run_state import StageCache
 from scripts.store import ResultsStore
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -388,7 +384,7 @@ def test_summarize_mmlu_micro_and_macro():
 # --- stage ------------------------------------------------------------------------------------------------
 
 class _Models:
-    """A stand-in for evaluate.ModelCache that counts loads."""
+    """A stand-in for models.ModelCache that counts loads."""
 
     def __init__(self, loaded):
         self.loaded, self.calls = loaded, 0

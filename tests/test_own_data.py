@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 import main
+import scripts.answers
 import scripts.evaluate
 from scripts.errors import UserError
 from scripts.settings import ENV_KEYS
@@ -257,11 +258,11 @@ def model(tmp_path_factory) -> Path:
 
 
 class Generation:
-    """Wraps scripts.evaluate.generate: counts the answers generated; hostile=True answers with writes instead."""
+    """Wraps scripts.answers.generate: counts the answers generated; hostile=True answers with writes instead."""
 
     def __init__(self, monkeypatch, hostile: bool = False) -> None:
         self.count = 0
-        real = scripts.evaluate.generate
+        real = scripts.answers.generate
 
         def generate(model, tokenizer, prompts, *, done=None, skip=(), **kwargs):
             todo = [i for i in range(len(prompts)) if i not in set(skip)]
@@ -272,7 +273,7 @@ class Generation:
             done(todo, texts, 0.0)
             return [texts[todo.index(i)] if i in todo else None for i in range(len(prompts))]
 
-        monkeypatch.setattr(scripts.evaluate, "generate", generate)
+        monkeypatch.setattr(scripts.answers, "generate", generate)
 
 
 def run_main(root: Path, monkeypatch, model: Path, *args: str, hostile: bool = False) -> tuple[int, Generation]:

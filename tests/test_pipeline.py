@@ -14,6 +14,7 @@ import sqlite3
 import pytest
 
 import main
+import scripts.answers
 import scripts.evaluate
 import scripts.mmlu
 import scripts.models
@@ -68,7 +69,7 @@ class Probe:
         self.mmlu_scored = 0  # MMLU questions scored
         self.interrupt = interrupt
         real_load, real_generate, real_score, real_mmlu = (
-            scripts.models.load_model_and_tokenizer, scripts.evaluate.generate, scripts.evaluate.score,
+            scripts.models.load_model_and_tokenizer, scripts.answers.generate, scripts.evaluate.score,
             scripts.mmlu.evaluate_mmlu)
 
         def load(model_id, **kwargs):
@@ -102,7 +103,7 @@ class Probe:
             return real_mmlu(model, tokenizer, questions, *args, **kwargs)
 
         monkeypatch.setattr(scripts.models, "load_model_and_tokenizer", load)
-        monkeypatch.setattr(scripts.evaluate, "generate", generate)
+        monkeypatch.setattr(scripts.answers, "generate", generate)
         monkeypatch.setattr(scripts.evaluate, "score", score)
         monkeypatch.setattr(scripts.mmlu, "evaluate_mmlu", evaluate_mmlu)
 

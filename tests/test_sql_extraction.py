@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from scripts.evaluate import extract_sql
+from scripts.sql_extraction import extract_sql
 
 CASES = [
     # SmolLM2-135M-Instruct's usual shape: prose, a fenced block, more prose

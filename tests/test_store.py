@@ -9,7 +9,7 @@ CONFIG = {"max_new_tokens": 160, "schema_sample_rows": 0}
 
 
 def _sql_row(key: str, correct, error="ok", hardness="easy", db_id="singer") -> dict:
-    """A generated-SQL row as scripts/evaluate.py writes it."""
+    """A generated-SQL row as scripts/answers.py writes it."""
     return {"example_key": f"{db_id}::{key}", "db_id": db_id, "question": key, "gold_sql": "SELECT 1",
             "raw_output": "```sql\nSELECT 1\n```", "extracted_sql": "SELECT 1", "correct": correct, "error": error,
             "hardness": hardness, "latency_s": 0.25}

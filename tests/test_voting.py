@@ -232,8 +232,9 @@ def scripted_generate(examples, log):
 
 
 def test_ex_stage_votes_scores_and_stores_every_candidate(demo_layout, tmp_path, monkeypatch):
-    import scripts.evaluate
-    from scripts.evaluate import evaluate_text_to_sql, sampling_config
+    import scripts.answers
+    from scripts.evaluate import evaluate_text_to_sql
+    from scripts.voting import sampling_config
     from scripts.generation import Sampling
     from scripts.store import ResultsStore
     from tests.tiny_models import build_tokenizer
@@ -241,7 +242,7 @@ def test_ex_stage_votes_scores_and_stores_every_candidate(demo_layout, tmp_path,
     layout, dev = demo_layout
     examples = dev[:len(KIND_OF)]
     calls = []
-    monkeypatch.setattr(scripts.evaluate, "generate", scripted_generate(examples, calls))
+    monkeypatch.setattr(scripts.answers, "generate", scripted_generate(examples, calls))
     sampling = Sampling(n=3, temperature=0.7, top_p=0.95, seed=0)
     with ResultsStore(tmp_path / "results.sqlite") as store:
         run_id = store.start_run("baseline_ex", "m", None, {}, "fp")
@@ -300,10 +301,10 @@ class Sampled:
     """
 
     def __init__(self, monkeypatch, interrupt: bool = False) -> None:
-        import scripts.evaluate
+        import scripts.answers
 
         self.prompts, self.greedy, self.interrupt = 0, 0, interrupt
-        real = scripts.evaluate.generate
+        real = scripts.answers.generate
 
         def generate(model, tokenizer, prompts, *, done=None, sampling=None, **kwargs):
             def counted(indices, answers, seconds):
@@ -320,7 +321,7 @@ class Sampled:
 
             return real(model, tokenizer, prompts, done=counted, sampling=sampling, **kwargs)
 
-        monkeypatch.setattr(scripts.evaluate, "generate", generate)
+        monkeypatch.setattr(scripts.answers, "generate", generate)
 
 
 def voting_main(root, inputs, monkeypatch, *extra: str, interrupt: bool = False):
