@@ -6,35 +6,91 @@ when it calls it noise, as with the demo's 30 questions, where one question is 3
 LIVE_SAMPLE (default 8 examples of the first evaluation set regenerated live), LIVE_MIN_AGREEMENT (default 0.75).
 With SELECT_ADAPTER_ON=voted the EX checks use the voted EX (of the first evaluation set). RESULTS_DIR and
 DB_PATH point at another run. Not part of CI: it checks a real run's outputs.
+
+A threshold that is not a number in its range stops the check with one line naming it (exit status 4); a skipped
+check prints its reason at the end, with or without -rs.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from dotenv import load_dotenv
 
 load_dotenv(".env")
+BAD_THRESHOLDS: list[str] = []  # 'KEY=value: expected ...' for each threshold that is not a number in its range
+
+
+def threshold(name: str, default: str, low: float, high: float | None = None, integer: bool = False) -> float:
+    """A threshold from the environment (or .env); a bad one is noted (the check stops on it) and its default used."""
+    text = os.environ.get(name, "").strip() or default
+    try:
+        value = int(text) if integer else float(text)
+        good = math.isfinite(value) and value >= low and (high is None or value <= high)
+    except ValueError:
+        good = False
+    if good:
+        return value
+    bounds = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+    BAD_THRESHOLDS.append(f"{name}={text}: expected {'an integer' if integer else 'a number'} {bounds}")
+    return int(default) if integer else float(default)
+
+
 RESULTS_DIR = Path(os.environ.get("RESULTS_DIR", "results"))
 DB_PATH = Path(os.environ.get("DB_PATH", RESULTS_DIR / "results.sqlite"))
-MIN_EX = float(os.environ.get("MIN_EX", "0.0"))
-MAX_MMLU_DROP = float(os.environ.get("MAX_MMLU_DROP", "2.0"))
-LIVE_SAMPLE = int(os.environ.get("LIVE_SAMPLE", "8"))
-LIVE_MIN_AGREEMENT = float(os.environ.get("LIVE_MIN_AGREEMENT", "0.75"))
+MIN_EX = threshold("MIN_EX", "0.0", 0, 1)
+MAX_MMLU_DROP = threshold("MAX_MMLU_DROP", "2.0", 0, 100)
+LIVE_SAMPLE = threshold("LIVE_SAMPLE", "8", 1, integer=True)
+LIVE_MIN_AGREEMENT = threshold("LIVE_MIN_AGREEMENT", "0.75", 0, 1)
+
+
+class SkipReasons:
+    """Why checks were skipped, printed at the end of the run: pytest itself lists skip reasons only with -rs."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        """Each reason once, unless -rs lists them already."""
+        if not terminalreporter.hasopt("skipped"):
+            for reason in dict.fromkeys(self.reasons):
+                terminalreporter.write_line(reason, yellow=True, bold=True)
+
+
+SKIP_REASONS = SkipReasons()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def skip_reasons(request: pytest.FixtureRequest) -> SkipReasons:
+    """SKIP_REASONS, registered so that the terminal summary prints them."""
+    if not request.config.pluginmanager.is_registered(SKIP_REASONS):
+        request.config.pluginmanager.register(SKIP_REASONS, "post-run-check-skip-reasons")
+    return SKIP_REASONS
+
+
+def skip(reason: str) -> NoReturn:
+    """Skip the check, with the reason in the summary."""
+    SKIP_REASONS.reasons.append(reason)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    """results/results.json of the last run, or skip with the reason."""
+    """results/results.json of the last run, or skip with the reason; a bad threshold stops the check first."""
+    if BAD_THRESHOLDS:
+        problems = "; ".join(BAD_THRESHOLDS)
+        pytest.exit(f"{problems} (from the environment or .env)", returncode=pytest.ExitCode.USAGE_ERROR)
     path = RESULTS_DIR / "results.json"
     if not path.exists():
-        pytest.skip(f"no run found: {path} does not exist; run `python main.py` (or `python main.py --demo`) first")
+        skip(f"no run found: {path} does not exist; run `python main.py` (or `python main.py --demo`) first")
     data = json.loads(path.read_text())
     if not data.get("best_adapter"):
-        pytest.skip(f"{path} has no trained adapter yet; run the train and eval_adapters stages")
+        skip(f"{path} has no trained adapter yet; run the train and eval_adapters stages")
     return data
 
 
@@ -62,7 +118,7 @@ def test_mmlu_drop_is_bounded(results: dict) -> None:
     """Fails on a drop over MAX_MMLU_DROP that the paired test calls significant; a larger drop it calls noise warns."""
     base, tuned, analysis = results["baseline"]["mmlu"], results["best_mmlu"], results.get("regression") or {}
     if not base or not tuned:
-        pytest.skip("MMLU stages were not run")
+        skip("MMLU check skipped: the MMLU stages were not run")
     drop = 100 * (base["accuracy"] - tuned["accuracy"])
     if drop <= MAX_MMLU_DROP:
         return
@@ -74,7 +130,7 @@ def test_mmlu_drop_is_bounded(results: dict) -> None:
 
 def test_store_holds_every_answer(results: dict) -> None:
     if not DB_PATH.exists():
-        pytest.skip(f"no results store at {DB_PATH}")
+        skip(f"store check skipped: no results store at {DB_PATH}")
     from scripts.store import ResultsStore
 
     evaluated = len(Path(results["eval_sets"][0]["evaluated_file"]).read_text().splitlines())  # the first set's
