@@ -17,16 +17,15 @@ from pathlib import Path
 
 from bench import save_json, timed
 from scripts.mmlu import (
-    LETTERS,
     build_prompt,
     encode_all_requests,
     encode_requests,
     evaluate_mmlu,
-    load_mmlu,
-    score_continuations,
     shots_by_subject,
     shots_for,
 )
+from scripts.mmlu_data import LETTERS, load_mmlu
+from scripts.mmlu_scoring import score_continuations
 from scripts.models import load_model_and_tokenizer
 
 

@@ -1,143 +1,36 @@
-"""Stages 2 and 6: MMLU data (original CSV layout or the Hub's cais/mmlu) and k-shot log-likelihood evaluation.
+"""Stages 2 and 6: k-shot MMLU evaluation: the harness's prompts, the likeliest letter per question, the stage.
 
 The protocol is the lm-evaluation-harness `mmlu` task: the first k `dev` questions of the same subject as shots,
 the prompt "The following are multiple choice questions (with answers) about <subject>.\\n\\n", each shot as
 "<question>\\nA. <a>\\nB. <b>\\nC. <c>\\nD. <d>\\nAnswer: <letter>\\n\\n", then the question ending in "Answer:".
 The prediction is the letter whose continuation (" A", " B", " C", " D") has the highest log-likelihood,
-computed in float32 whatever the model's dtype (`float32_head`). The tokenizer's own special tokens (a BOS for
-Llama-style tokenizers) are kept, as the harness does since lm-eval 0.4.9.2.
+computed in float32 whatever the model's dtype (`float32_head`, scripts/mmlu_scoring.py). The tokenizer's own
+special tokens (a BOS for Llama-style tokenizers) are kept, as the harness does since lm-eval 0.4.9.2. The
+questions come from scripts/mmlu_data.py.
 """
 from __future__ import annotations
 
-import csv
 import logging
-import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from scripts import distributed
 from scripts.errors import UserError
 from scripts.gpu_memory import split_on_oom
-from scripts.models import forward_parameters, keep_last_logits
+from scripts.mmlu_data import LETTERS, load_mmlu
+from scripts.mmlu_scoring import (
+    context_size,
+    float32_head,
+    prefix_cache,
+    score_after_prefix,
+    score_continuations,
+    score_single_token,
+    supports_prefix_cache,
+)
 
 log = logging.getLogger(__name__)
-
-LETTERS = ("A", "B", "C", "D")
-CSV_SPLITS = {"dev": "dev", "val": "val", "validation": "val", "test": "test"}
-HUB_SPLITS = {"dev": "dev", "val": "validation", "validation": "validation", "test": "test"}
-HUB_DATASET = "cais/mmlu"
-
-
-# --- data -------------------------------------------------------------------------------------------------
-
-def load_mmlu(
-    path: Path | str | None,
-    split: str = "test",
-    subjects: Sequence[str] | None = None,
-    per_subject: int | None = None,
-    seed: int = 0,
-) -> list[dict]:
-    """MMLU questions (`subject`, `index`, `question`, `choices`, `answer`), by subject then file order."""
-    if split not in CSV_SPLITS:
-        raise UserError(f"MMLU split {split!r} is unknown; use one of {sorted(CSV_SPLITS)}")
-    questions = load_hub_split(split) if path is None else load_csv_split(Path(path), split)
-    if subjects is not None:
-        questions = _only_subjects(questions, subjects, path)
-    if per_subject is not None:
-        questions = sample_per_subject(questions, per_subject, seed)
-    return questions
-
-
-def load_csv_split(root: Path, split: str) -> list[dict]:
-    """Every `<subject>_<split>.csv` of `<root>/<split>/` (no header; question, A, B, C, D, answer letter)."""
-    folder = root / CSV_SPLITS[split]
-    if not root.is_dir():
-        raise UserError(f"PATH_MMLU: folder {root} not found; point PATH_MMLU (or --mmlu) at the MMLU data folder "
-                        "that holds dev/, val/ and test/")
-    if not folder.is_dir():
-        raise UserError(f"PATH_MMLU: {folder} is missing; the MMLU folder must hold dev/, val/ and test/ "
-                        "with one <subject>_<split>.csv per subject")
-    suffix = f"_{CSV_SPLITS[split]}.csv"
-    files = sorted(p for p in folder.iterdir() if p.name.endswith(suffix))
-    if not files:
-        raise UserError(f"PATH_MMLU: no *{suffix} files in {folder}; expected the original MMLU CSV layout")
-    questions = []
-    for file in files:
-        questions.extend(read_subject_csv(file, file.name[: -len(suffix)]))
-    return questions
-
-
-def read_subject_csv(file: Path, subject: str) -> list[dict]:
-    """One subject's questions from its CSV; a malformed row raises UserError naming file and line."""
-    questions = []
-    try:
-        with open(file, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            rows = [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError as e:
-        raise UserError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 "
-                        "(the original MMLU CSVs are)") from None
-    except csv.Error as e:
-        raise UserError(f"{file} is not a readable CSV file ({e}); fix it or get a fresh copy of MMLU") from None
-    for line_num, row in rows:
-        if len(row) != 6:
-            raise UserError(f"{file}:{line_num}: expected 6 columns (question, A, B, C, D, answer), "
-                            f"found {len(row)}; fix or remove that row")
-        answer = row[5].strip().upper()
-        if answer not in LETTERS:
-            raise UserError(f"{file}:{line_num}: answer {row[5]!r} is not one of A, B, C, D; fix that row")
-        questions.append(
-            {"subject": subject, "index": len(questions), "question": row[0], "choices": row[1:5], "answer": answer}
-        )
-    return questions
-
-
-def load_hub_split(split: str) -> list[dict]:
-    """The Hub's cais/mmlu ("all" config) in the same row format; needs network access to the Hub."""
-    try:
-        from datasets import load_dataset
-
-        dataset = load_dataset(HUB_DATASET, "all", split=HUB_SPLITS[split])
-    except Exception as e:  # any failure here means the Hub copy is unusable; the fix is the same
-        raise UserError(f"PATH_MMLU is not set and {HUB_DATASET} could not be loaded from the Hub "
-                        f"({type(e).__name__}); set PATH_MMLU (or --mmlu) to a folder in the original MMLU CSV "
-                        "layout (dev/, val/, test/)") from e
-    counters: dict[str, int] = defaultdict(int)
-    questions = []
-    for row in dataset:
-        subject = row["subject"]
-        questions.append({"subject": subject, "index": counters[subject], "question": row["question"],
-                          "choices": list(row["choices"]), "answer": LETTERS[row["answer"]]})
-        counters[subject] += 1
-    return sorted(questions, key=lambda q: (q["subject"], q["index"]))
-
-
-def _only_subjects(questions: list[dict], subjects: Sequence[str], path) -> list[dict]:
-    """Keep the chosen subjects; an unknown subject is a user error."""
-    available = {q["subject"] for q in questions}
-    unknown = sorted(set(subjects) - available)
-    if unknown:
-        raise UserError(f"MMLU ({path or HUB_DATASET}): unknown subjects {unknown}; available: {sorted(available)}")
-    wanted = set(subjects)
-    return [q for q in questions if q["subject"] in wanted]
-
-
-def sample_per_subject(questions: list[dict], per_subject: int, seed: int = 0) -> list[dict]:
-    """At most `per_subject` questions of each subject, seeded per subject, kept in file order."""
-    if per_subject < 1:
-        raise UserError(f"MMLU_PER_SUBJECT must be at least 1 (or None for all), got {per_subject}")
-    by_subject: dict[str, list[dict]] = defaultdict(list)
-    for q in questions:
-        by_subject[q["subject"]].append(q)
-    kept = []
-    for subject, items in by_subject.items():
-        # a string seed per subject: the sample of one subject does not depend on which others are loaded
-        chosen = random.Random(f"{seed}:{subject}").sample(range(len(items)), min(per_subject, len(items)))
-        kept.extend(items[i] for i in sorted(chosen))
-    return kept
 
 
 # --- prompt -----------------------------------------------------------------------------------------------
@@ -305,75 +198,6 @@ def summarize_mmlu(rows: Sequence[dict]) -> dict:
     }
 
 
-def score_single_token(model, contexts: list[list[int]], letter_ids: list[list[int]], tokenizer=None) -> list[list[float]]:
-    """One forward per context: the log-probabilities of the 4 letter tokens at the last position."""
-    import torch
-
-    logprobs = _last_logprobs(model, contexts, keep=1, pad_id=_pad_id(tokenizer))[:, -1, :]
-    index = torch.tensor(letter_ids, device=logprobs.device)
-    return logprobs.gather(1, index).tolist()
-
-
-def score_continuations(model, pairs: list[tuple[list[int], list[int]]], tokenizer=None) -> list[float]:
-    """Summed log-probability of each continuation after its context (teacher forcing), one row per pair."""
-    import torch
-
-    sequences = [ctx + cont for ctx, cont in pairs]
-    longest = max(len(cont) for _, cont in pairs)
-    # left padding aligns every sequence at the right, so the last longest+1 positions cover every continuation
-    logprobs = _last_logprobs(model, sequences, keep=longest + 1, pad_id=_pad_id(tokenizer))
-    totals = []
-    for row, (_, cont) in enumerate(pairs):
-        n = len(cont)
-        predicting = logprobs[row, -(n + 1): -1, :]  # position t predicts token t+1
-        totals.append(predicting.gather(1, torch.tensor(cont, device=predicting.device)[:, None]).sum().item())
-    return totals
-
-
-def supports_prefix_cache(model) -> bool:
-    """Whether the model's forward takes position_ids and a key/value cache (needed to start after a prefix)."""
-    return {"position_ids", "past_key_values"} <= forward_parameters(model)
-
-
-def prefix_cache(model, prefix: list[int]):
-    """The key/value cache of one prompt prefix (a batch of one)."""
-    import torch
-
-    device = model.get_input_embeddings().weight.device
-    with torch.inference_mode():
-        out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **keep_last_logits(model, 1))
-    return out.past_key_values
-
-
-def score_after_prefix(model, cache, prefix_length: int, suffixes: list[list[int]], letter_ids: list[list[int]],
-                       tokenizer=None) -> list[list[float]]:
-    """One forward per question over the tokens after a shared prefix whose cache is given: the 4 letters' log-probs.
-
-    The suffixes are left-padded, so the padding sits between the prefix and each suffix; the attention mask
-    hides it and the positions continue from the prefix, so every row sees exactly prefix + its own suffix.
-    """
-    import copy
-
-    import torch
-
-    width = max(len(s) for s in suffixes)
-    ids = torch.full((len(suffixes), width), _pad_id(tokenizer), dtype=torch.long)
-    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
-    for row, suffix in enumerate(suffixes):
-        ids[row, width - len(suffix):] = torch.tensor(suffix)
-        suffix_mask[row, width - len(suffix):] = 1
-    mask = torch.cat([torch.ones((len(suffixes), prefix_length), dtype=torch.long), suffix_mask], dim=1)
-    positions = prefix_length + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-    device = model.get_input_embeddings().weight.device
-    with torch.inference_mode():
-        past = copy.deepcopy(cache)  # the forward appends to the cache it is given; the prefix's stays as it is
-        past.batch_repeat_interleave(len(suffixes))
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       past_key_values=past, use_cache=True, **keep_last_logits(model, 1)).logits[:, -1, :]
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return logprobs.gather(1, torch.tensor(letter_ids, device=logprobs.device)).tolist()
-
-
 def _group_by_prefix(tokenizer, questions: Sequence[dict], prompts: list[str], requests: list, indices: list[int]):
     """({shared ids: question indices}, the rest): each question's tokens up to where its header and shots end.
 
@@ -396,95 +220,6 @@ def _group_by_prefix(tokenizer, questions: Sequence[dict], prompts: list[str], r
         else:
             rest.append(i)
     return dict(groups), rest
-
-
-@contextmanager
-def float32_head(model) -> Iterator[None]:
-    """Within it, the model's output head runs in float32 on the last hidden states, whatever the model's dtype.
-
-    In bf16 the logits move in steps of 0.125 near the values MMLU letters get, so two letters often tie exactly
-    and the first wins by default (docs/RESULTS.md, section 16). A forward hook replaces the head's output with
-    hidden @ W.T in float32 (W dequantized when the head is 4-bit); the log-softmax normaliser is float32 too.
-    """
-    import torch
-
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or hasattr(head, "base_layer"):  # e.g. a head wrapped by an adapter
-        log.warning("MMLU: the output head is %s, not a plain linear layer; scoring with the model's own logits",
-                    type(head).__name__)
-        yield
-        return
-    weight = _dense_weight(head).float()
-    bias = None if head.bias is None else head.bias.float()
-    handle = head.register_forward_hook(
-        lambda module, args, output: torch.nn.functional.linear(args[0].float(), weight, bias))
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # TF32 would round the products to 10 mantissa bits again
-    try:
-        yield
-    finally:
-        handle.remove()
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-def _dense_weight(head):
-    """The head's weight as a dense tensor (a bitsandbytes 4-bit head is dequantized)."""
-    weight = head.weight
-    if weight.dtype.is_floating_point:
-        return weight.detach()
-    from bitsandbytes.functional import dequantize_4bit
-
-    return dequantize_4bit(weight.data, weight.quant_state)
-
-
-def _last_logprobs(model, sequences: list[list[int]], keep: int, pad_id: int):
-    """Float32 log-softmax over the vocabulary of the last `keep` positions of left-padded sequences."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq)
-        mask[row, width - len(seq):] = 1
-    device = model.get_input_embeddings().weight.device
-    kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if "position_ids" in forward_parameters(model):  # positions count real tokens only: left padding shifts nothing
-        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    kwargs.update(keep_last_logits(model, keep))
-    with torch.inference_mode():
-        logits = model(**kwargs).logits[:, -keep:, :]
-    return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _pad_id(tokenizer) -> int:
-    """Any valid id for padding (masked out): pad, else eos, else 0."""
-    if tokenizer is None:
-        return 0
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return value
-    return 0
-
-
-HARNESS_DEFAULT_LENGTH = 2048  # lm-evaluation-harness's HFLM._DEFAULT_MAX_LENGTH
-_NO_LIMIT = 1e29  # tokenizers without a limit report int(1e30)
-
-
-def context_size(model, tokenizer=None) -> int:
-    """The model's context length as lm-evaluation-harness finds it: n_positions, max_position_embeddings or n_ctx
-    of the (text) config, else the tokenizer's model_max_length when it sets one, else 2048."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for source in (text_config, config):
-        for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-            value = getattr(source, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < _NO_LIMIT:
-        return limit
-    return HARNESS_DEFAULT_LENGTH
 
 
 def _truncate(context: list[int], continuations: list[list[int]], max_length: int | None):

@@ -113,8 +113,8 @@ def test_mmlu_csvs_parse_in_the_official_layout(built):
 
 
 def test_mmlu_loader_reads_the_demo(built):
-    mmlu = pytest.importorskip("scripts.mmlu", reason="scripts/mmlu.py not written yet")
-    questions = mmlu.load_mmlu(built[2], split="test")
+    mmlu_data = pytest.importorskip("scripts.mmlu_data", reason="scripts/mmlu_data.py not written yet")
+    questions = mmlu_data.load_mmlu(built[2], split="test")
     assert len(questions) >= 30 and {q["answer"] for q in questions} <= {"A", "B", "C", "D"}
 
 

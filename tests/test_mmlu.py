@@ -1,4 +1,4 @@
-"""Tests for scripts/mmlu.py, mmlu_data.py and mmlu_scoring.py: CSV loading and errors, the harness prompt, log-likelihood scoring on tiny models."""
+"""Tests for MMLU (scripts/mmlu*.py): CSV loading and errors, the harness prompt, log-likelihood scoring on tiny models."""
 import csv
 import functools
 from types import SimpleNamespace
