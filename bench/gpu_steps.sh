@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/RESULTS.md, one step at a time, on an offline GPU machine:
-#   bash bench/gpu_session.sh STEP   (from the repository root)
+#   bash bench/gpu_steps.sh STEP   (from the repository root)
 # The machine needs the packages of requirements.txt (a CUDA build of torch), installed from wheels, e.g.
 # `pip install --no-index --find-links WHEELS -r requirements.txt`, or unpacked with
 # `pip install --no-index --find-links WHEELS --target SITE -r requirements.txt` and named by SITE.
@@ -26,7 +26,7 @@
 # Sizes are environment variables (defaults in each step). The full runs (qwen_train, qwen_merged, qwen_vote,
 # smol_train) end within STOP_AFTER seconds (default 560, SIGINT) and a rerun of the same step resumes; for one
 # run to the end, start it detached with STOP_AFTER above its length, e.g.
-#   STOP_AFTER=1700 setsid bash bench/gpu_session.sh qwen_train > qwen_train.log 2>&1 &
+#   STOP_AFTER=1700 setsid bash bench/gpu_steps.sh qwen_train > qwen_train.log 2>&1 &
 set -o pipefail
 MODELS=${MODELS:-/tmp/m} DATA=${DATA:-/tmp/data} WORK=${WORK:-/tmp}
 LOG_DIR=${LOG_DIR:-$WORK/logs}
