@@ -14,9 +14,10 @@ from pathlib import Path
 
 from bench import save_json, timed, warm_up
 from scripts.answers import build_prompts, extract_answers, score
+from scripts.databases import SpiderLayout
 from scripts.generation import generate
 from scripts.models import load_for_evaluation
-from scripts.spider_data import SpiderLayout, load_split, prepare_spider
+from scripts.spider_release import load_split, prepare_spider
 
 CONCATENATING = {"roomy_cache": False}  # transformers' cache: each step concatenates every layer anew
 VARIANTS = {  # name: (batch size, extra generate arguments); the first is the reference (names hold no comma)

@@ -18,7 +18,7 @@ from bench import save_json, warm_up
 from scripts.answers import build_prompts
 from scripts.generation import generate, length_sorted_batches
 from scripts.models import load_for_evaluation
-from scripts.spider_data import load_split, prepare_spider
+from scripts.spider_release import load_split, prepare_spider
 
 
 CACHES = {  # the pruned decoder's (roomy), transformers' concatenating one, a compiled static one (hf only)

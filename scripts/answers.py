@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 
 from custom_metrics.execution_accuracy import execution_accuracy
 from scripts import distributed
+from scripts.databases import SpiderLayout, schema_text
 from scripts.generation import generate
 from scripts.prompts import render
-from scripts.spider_data import SpiderLayout, schema_text
 from scripts.sql_extraction import extract_sql
 from scripts.store import Spool
 

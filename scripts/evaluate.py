@@ -15,10 +15,11 @@ from pathlib import Path
 
 from scripts import distributed
 from scripts.answers import answer_row, build_prompts, extract_answers, greedy_answers, score
+from scripts.databases import SpiderLayout
 from scripts.generation import Sampling
 from scripts.models import ModelCache
 from scripts.run_state import fingerprint
-from scripts.spider_data import SpiderLayout, missing_databases, sample_examples, set_fingerprint
+from scripts.spider_data import missing_databases, sample_examples, set_fingerprint
 from scripts.store import Spool, data_fingerprint
 from scripts.voting import sample_candidates, sampling_config, vote_and_score, vote_sampling
 

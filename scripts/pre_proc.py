@@ -30,8 +30,8 @@ SchemaFn = Callable[[Path, int], str]
 
 
 def _default_schema_fn() -> SchemaFn:
-    """scripts.spider_data.schema_text (imported late: the module is owned by stage 1)."""
-    from scripts.spider_data import schema_text
+    """scripts.databases.schema_text (imported late: the databases belong to stage 1)."""
+    from scripts.databases import schema_text
 
     return schema_text
 

@@ -32,8 +32,8 @@ from custom_metrics.execution_accuracy import (DB_MISSING, EMPTY, database_files
                                                read_prediction)
 from custom_metrics.safe_sqlite import EXEC_ERROR, OK, run_query
 from scripts.answers import example_key, extract_answers, generate_stored, recover, score
+from scripts.databases import SpiderLayout
 from scripts.generation import Sampling
-from scripts.spider_data import SpiderLayout
 from scripts.store import Spool
 
 log = logging.getLogger(__name__)

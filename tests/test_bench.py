@@ -85,7 +85,7 @@ def test_seed_models_and_capped_run_smoke(tmp_path, monkeypatch):
 
 def test_generation_bench_scores_each_answer_with_the_pipelines_extraction_and_metric(tmp_path):
     from bench.bench_generation import correct_flags
-    from scripts.spider_data import prepare_spider
+    from scripts.spider_release import prepare_spider
     from tests.test_spider_data import make_spider_folder
 
     layout = prepare_spider(make_spider_folder(tmp_path / "spider"), tmp_path / "unused")

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from scripts.databases import schema_text
 from scripts.demo_data import DEMO_SOURCE, build_demo_data, natural_name, spider_type
 from scripts.errors import UserError
-from scripts.spider_data import load_split, missing_databases, prepare_spider, schema_text
+from scripts.spider_data import missing_databases
+from scripts.spider_release import load_split, prepare_spider
 
 SQL_FEATURES = ("JOIN", "GROUP BY", "HAVING", "ORDER BY", "LIMIT", "(SELECT", "INTERSECT", "EXCEPT", "NOT IN")
 

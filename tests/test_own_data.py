@@ -20,12 +20,12 @@ import pytest
 import main
 import scripts.answers
 import scripts.evaluate
+from scripts.databases import databases_layout
 from scripts.errors import UserError
 from scripts.settings import ENV_KEYS
 from scripts.spider_data import (
     EVAL_SETTING,
     TRAIN_SETTING,
-    databases_layout,
     load_user_set,
     prepare_stage,
     set_fingerprint,

@@ -25,7 +25,7 @@ class Layout:
 
 
 def rows_schema(db_path: Path, sample_rows: int = 0) -> str:
-    """A stand-in for spider_data.schema_text: CREATE statements, then `sample_rows` rows per table."""
+    """A stand-in for databases.schema_text: CREATE statements, then `sample_rows` rows per table."""
     with sqlite3.connect(db_path) as con:
         tables = con.execute("SELECT name, sql FROM sqlite_master WHERE type='table'").fetchall()
         parts = []
@@ -114,11 +114,11 @@ def test_jsonl_round_trip_and_bad_file(spider, tmp_path):
         load_jsonl(tmp_path / "missing.jsonl")
 
 
-def test_default_schema_comes_from_spider_data(spider):
-    spider_data = pytest.importorskip("scripts.spider_data", reason="scripts/spider_data.py not written yet")
+def test_default_schema_comes_from_the_databases_module(spider):
+    databases = pytest.importorskip("scripts.databases", reason="scripts/databases.py not written yet")
     tokenizer = build_tokenizer("chatml")
     data, _ = build_sft_dataset(examples(1), spider, tokenizer, max_length=4096)
-    assert spider_data.schema_text(spider.db_path("concert"), 0) in data[0]["prompt"]
+    assert databases.schema_text(spider.db_path("concert"), 0) in data[0]["prompt"]
 
 
 def test_tables_json_schema_is_valid_sqlite_for_every_real_database(real_spider):

@@ -7,15 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from scripts import spider_data
+from scripts import databases, spider_release
+from scripts.databases import schema_text
 from scripts.errors import UserError
-from scripts.spider_data import (
-    load_split,
-    missing_databases,
-    prepare_spider,
-    sample_examples,
-    schema_text,
-)
+from scripts.spider_data import missing_databases, sample_examples
+from scripts.spider_release import load_split, prepare_spider
 
 TRAIN = [
     {"question": "How many singers are there?", "query": "SELECT count(*) FROM singer", "db_id": "concert"},
@@ -92,8 +88,8 @@ def test_second_call_does_not_extract_again_but_a_changed_zip_does(spider_zip, t
     out = tmp_path / "out"
     prepare_spider(spider_zip, out)
     calls = []
-    real_extract = spider_data._extract
-    monkeypatch.setattr(spider_data, "_extract", lambda *a: calls.append(a) or real_extract(*a))
+    real_extract = spider_release._extract
+    monkeypatch.setattr(spider_release, "_extract", lambda *a: calls.append(a) or real_extract(*a))
     prepare_spider(spider_zip, out)
     assert calls == []
     zip_folder(make_spider_folder(tmp_path / "src2", with_others=True), spider_zip)  # a new zip at the same path
@@ -202,7 +198,7 @@ def test_load_split_returns_copies(spider_zip, tmp_path):
 
 def test_schema_text_statements_rows_and_cache(tmp_path):
     db = make_concert_db(tmp_path / "c.sqlite")
-    spider_data._schema_text_cached.cache_clear()
+    databases._schema_text_cached.cache_clear()
     plain = schema_text(db)
     assert plain.startswith("CREATE TABLE singer (") and "CREATE TABLE concert (" in plain
     assert plain.index("singer (") < plain.index("concert (") and "INSERT" not in plain
@@ -215,7 +211,7 @@ def test_schema_text_statements_rows_and_cache(tmp_path):
     assert sum(line.startswith('INSERT INTO "singer"') for line in lines) == 3
     assert sum(line.startswith('INSERT INTO "concert"') for line in lines) == 1
     assert schema_text(db, 3) == with_rows and schema_text(tmp_path / "." / "c.sqlite", 3) == with_rows
-    info = spider_data._schema_text_cached.cache_info()
+    info = databases._schema_text_cached.cache_info()
     assert info.misses == 2 and info.hits == 2
 
 

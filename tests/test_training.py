@@ -310,7 +310,8 @@ def test_stages_3_and_4_on_real_spider(real_spider, tmp_path):
 
     from scripts.pre_proc import load_jsonl, preprocess_stage
     from scripts.run_state import StageCache
-    from scripts.spider_data import prepare_spider, spider_set
+    from scripts.spider_data import spider_set
+    from scripts.spider_release import prepare_spider
     from scripts.training import train_stage
 
     loader = TinyLoader("chatml")

@@ -189,7 +189,7 @@ def test_best_adapter_is_chosen_on_greedy_ex_unless_the_setting_says_voted():
 def demo_layout(tmp_path_factory):
     """The demo's Spider data, unpacked, and its dev examples."""
     from scripts.demo_data import build_demo_data
-    from scripts.spider_data import load_split, prepare_spider
+    from scripts.spider_release import load_split, prepare_spider
 
     root = tmp_path_factory.mktemp("demo")
     spider_zip, _ = build_demo_data(root / "build")
