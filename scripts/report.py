@@ -27,9 +27,9 @@ def report_stage(settings, eval_sets, baseline_ex, baseline_mmlu, adapters, tune
         "settings": settings.public(),
         "eval_sets": [
             {"name": d.name, "source": d.source, "examples": len(d.examples),
-             "database_dir": str(d.layout.database_dir),
-             "tables_file": str(d.layout.tables_file) if d.layout.tables_file else None,
-             "evaluated_file": str(settings.evaluated_dir / f"{d.name}.jsonl")}
+             "database_dir": str(d.layout.database_dir.resolve()),  # absolute: the post-run check may run elsewhere
+             "tables_file": str(d.layout.tables_file.resolve()) if d.layout.tables_file else None,
+             "evaluated_file": str((settings.evaluated_dir / f"{d.name}.jsonl").resolve())}
             for d in eval_sets
         ],
         "baseline": {"ex": (baseline_ex or {}).get(first), "ex_by_set": baseline_ex or {},

@@ -9,7 +9,11 @@ with the uninterrupted run's results; user errors (exit status 2, a message that
 """
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +29,7 @@ from tests.tiny_models import save_tiny_model
 N_EVAL = 10  # Spider dev examples
 BATCH = 4  # generation batch: 4 + 4 + 2
 N_MMLU = 3 * 3  # 3 demo subjects x 3 questions
+REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_CONFIGS = [
     {"learning_rate": 1e-2, "max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
      "max_length": 1024, "gradient_checkpointing": False, "logging_steps": 1},
@@ -265,6 +270,17 @@ def test_full_run_writes_report_results_store_adapters_and_plots(full_run):
         assert (out / "stages" / f"{name}.json").is_file()
     assert len((out / "train_chat.jsonl").read_text().splitlines()) >= 2
     assert (root / "data" / "spider_data" / "spider_data" / "dev.json").is_file()  # stage 1 unpacked the zip here
+
+
+def test_post_run_check_reads_the_store_and_regenerates_the_best_adapters_answers(full_run):
+    """`pytest scripts/test.py` on this run: every answer stored, and a live regeneration that matches the store."""
+    root = full_run["root"]
+    env = {k: v for k, v in os.environ.items() if k not in ENV_KEYS}
+    env.update(RESULTS_DIR=str(root / "results"), DB_PATH=str(root / "store" / "results.sqlite"), LIVE_SAMPLE="4",
+               LIVE_MIN_AGREEMENT="1.0")
+    done = subprocess.run([sys.executable, "-m", "pytest", "scripts/test.py", "-q", "-p", "no:cacheprovider",
+                           "-k", "store or live"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_rerun_redoes_nothing_retraining_redoes_what_depends_on_it_and_force_redoes_everything(
