@@ -1,4 +1,4 @@
-"""scripts.models: one loader for local folders, .gguf files and adapters; decisions, errors, token hygiene."""
+"""scripts.models and model_source: one loader for folders, .gguf files and adapters; decisions, errors, token hygiene."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from scripts import models
+from scripts import model_source, models
 from scripts.errors import UserError
+from scripts.model_source import gguf_cache_folder, hub_error_message
 from scripts.models import (
     choose_quantization,
     default_use_fast,
     describe_device,
     ensure_pad_token,
-    gguf_cache_folder,
-    hub_error_message,
     load_model_and_tokenizer,
     load_tokenizer,
     peak_memory_gb,
@@ -411,9 +410,9 @@ def test_unreachable_hub_fails_fast_through_main_and_suggests_offline_mode(tmp_p
 def test_offline_and_not_cached_fails_before_anything_is_loaded(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set"):
-        models.check_model_source("nobody-xyz/not-a-real-model-123", token=FAKE_TOKEN)
+        model_source.check_model_source("nobody-xyz/not-a-real-model-123", token=FAKE_TOKEN)
     with pytest.raises(UserError, match="no such"):
-        models.check_model_source("./not-here/model")
+        model_source.check_model_source("./not-here/model")
 
 
 def test_gated_and_missing_hub_messages():
@@ -486,11 +485,11 @@ def tiny_gguf(tmp_path):
 def test_gguf_loads_converts_once_and_then_uses_the_cache(tmp_path, tiny_gguf, monkeypatch, caplog):
     path, reference, ref_tokenizer = tiny_gguf
     calls = []
-    real_convert = models.convert_gguf
-    monkeypatch.setattr(models, "convert_gguf", lambda *a: calls.append(a) or real_convert(*a))
+    real_convert = model_source.convert_gguf
+    monkeypatch.setattr(model_source, "convert_gguf", lambda *a: calls.append(a) or real_convert(*a))
     cache = tmp_path / "cache"
 
-    with caplog.at_level(logging.INFO, logger="scripts.models"):
+    with caplog.at_level(logging.INFO, logger="scripts.model_source"):
         model, tokenizer = load_model_and_tokenizer(str(path), quantization="none", cache_dir=cache)
     assert len(calls) == 1 and "dequantizing once" in caplog.text
     folder = gguf_cache_folder(path, cache)
@@ -504,7 +503,7 @@ def test_gguf_loads_converts_once_and_then_uses_the_cache(tmp_path, tiny_gguf, m
     assert torch.allclose(_logits(model, tokenizer), _logits(reference, ref_tokenizer), atol=1e-5)
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="scripts.models"):
+    with caplog.at_level(logging.INFO, logger="scripts.model_source"):
         again, _ = load_model_and_tokenizer(str(path), quantization="none", cache_dir=cache)
     assert len(calls) == 1 and "using the cached conversion" in caplog.text
     assert torch.equal(_logits(again, tokenizer), _logits(model, tokenizer))
@@ -533,7 +532,7 @@ def test_model_that_refuses_save_pretrained_is_saved_from_its_config(tmp_path):
         raise NotImplementedError("GGUF-quantized models cannot be saved")
 
     model.save_pretrained = refuse
-    models._save_dense(model, tmp_path / "dense")
+    model_source._save_dense(model, tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     reloaded, _ = load_model_and_tokenizer(str(tmp_path / "dense"), quantization="none")
     assert torch.equal(_logits(reloaded, tokenizer), _logits(model, tokenizer))
