@@ -38,7 +38,7 @@ VARIANTS = {  # name: (batch size, extra generate arguments); the first is the r
 
 def correct_flags(texts: list[str], examples: list[dict], layout: SpiderLayout) -> list[bool]:
     """Whether each answer's extracted SQL gives the gold query's result (the pipeline's extraction and metric)."""
-    per_example = score(examples, extract_answers(texts, examples, layout), layout)["per_example"]
+    per_example = score(examples, [x.sql for x in extract_answers(texts, examples, layout)], layout)["per_example"]
     return [bool(r["correct"]) for r in per_example]
 
 

@@ -15,7 +15,7 @@ from scripts import distributed
 from scripts.databases import SpiderLayout, schema_text
 from scripts.generation import generate
 from scripts.prompts import render
-from scripts.sql_extraction import extract_sql
+from scripts.sql_extraction import Extraction, extract
 from scripts.store import Spool
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,15 @@ def generate_stored(model, tokenizer, prompts: Sequence[str], answers: list, row
     return answers
 
 
-def extract_answers(texts: Sequence[str | None], examples: Sequence[dict], layout: SpiderLayout) -> list[str]:
-    """The SQL of each answer text, extracted against its example's database (a missing text gives "")."""
-    return [extract_sql(text or "", layout.db_path(e["db_id"])) for text, e in zip(texts, examples)]
+def extract_answers(texts: Sequence[str | None], examples: Sequence[dict], layout: SpiderLayout) -> list[Extraction]:
+    """The SQL of each answer text, extracted against its example's database (a missing text has none)."""
+    return [extract(text or "", layout.db_path(e["db_id"])) for text, e in zip(texts, examples)]
+
+
+def extraction_counts(extractions: Sequence[Extraction]) -> dict:
+    """How many answers had no SQL, and how many had trailing prose cut from their statement."""
+    return {"answers": len(extractions), "no_sql": sum(not x.sql for x in extractions),
+            "prose_cut": sum(x.cut for x in extractions)}
 
 
 def score(

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from scripts import distributed
-from scripts.answers import answer_row, build_prompts, extract_answers, greedy_answers, score
+from scripts.answers import answer_row, build_prompts, extract_answers, extraction_counts, greedy_answers, score
 from scripts.databases import SpiderLayout
 from scripts.generation import Sampling
 from scripts.models import ModelCache
@@ -96,7 +96,9 @@ def ex_stage(stage: str, name: str, settings, cache, store, models: ModelCache, 
             return None
         summary.pop("per_example", None)
         summary.update(run_id=run_id, adapter=adapter, seconds=round(time.perf_counter() - start, 1))
-        log.info("%s: EX %.1f%% on %d examples (%s)", name, 100 * summary["ex"], summary["count"], summary["by_hardness"])
+        log.info("%s: EX %.1f%% on %d examples (%s); %d answers without SQL, %d with prose cut from their end", name,
+                 100 * summary["ex"], summary["count"], summary["by_hardness"], summary["extraction"]["no_sql"],
+                 summary["extraction"]["prose_cut"])
         if sampling:
             voted = summary["voted"]
             log.info("%s: voted EX %.1f%% (greedy %.1f%%) over %d candidates per example; %d answers changed "
@@ -142,8 +144,10 @@ def evaluate_text_to_sql(
     if answers is None:  # another process of a launch: the main process scores
         return None
     raw, latency = [a[0] for a in answers], [a[1] for a in answers]
-    sqls = extract_answers(raw, examples, layout)
+    extractions = extract_answers(raw, examples, layout)
+    sqls = [x.sql for x in extractions]
     summary = score(examples, sqls, layout, timeout=timeout)
+    summary["extraction"] = extraction_counts(extractions)
     if store:
         store.add_sql(run_id, [answer_row(example, text, seconds, sql=sql, result=result) for example, text, sql,
                                seconds, result in zip(examples, raw, sqls, latency, summary["per_example"])])

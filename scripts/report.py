@@ -118,7 +118,8 @@ def render_markdown(results: dict, plots: list[str]) -> str:
         for set_name, ex in by_set.items():
             if ex.get("errors"):
                 label = name if len(sets) < 2 else f"{name}, `{set_name}`"
-                lines.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(ex["errors"].items())))
+                lines.append(f"- {label}: " + ", ".join(f"{k} {v}" for k, v in sorted(ex["errors"].items()))
+                             + _extraction_note(ex.get("extraction")))
     if voting:
         lines += _voting_section(by_run, sets, s.get("select_adapter_on", "greedy"))
     analysis = results["regression"]
@@ -149,6 +150,13 @@ def _voting_section(by_run: list[tuple[str, dict]], sets: list[str], select_on: 
         lines.append(f"| {name} | {_pct(ex.get('ex'))} | {_pct(v['ex'])} | {v['changed']} | {v['gained']} | "
                      f"{v['lost']} | {_num(v['seconds'], 1)} |")
     return lines
+
+
+def _extraction_note(counts: dict | None) -> str:
+    """'; 3 answers without SQL, 2 with prose cut' (empty for results that predate the counts)."""
+    if not counts:
+        return ""
+    return f"; {counts['no_sql']} answers without SQL, {counts['prose_cut']} with trailing prose cut"
 
 
 def _row(name: str, ex: dict, mmlu, training: dict | None, config: dict | None = None, voting: bool = False) -> str:

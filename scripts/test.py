@@ -177,7 +177,7 @@ def regenerate_sample(results: dict, db_path: Path, n: int) -> dict:
                                            s.get("eval_precision", "4bit"), token=os.environ.get("HF_TOKEN"))
     prompts = build_prompts(tokenizer, examples, layout, s["schema_sample_rows"])
     texts = generate(model, tokenizer, prompts, batch_size=s["eval_batch_size"], max_new_tokens=s["max_new_tokens"])
-    sqls = extract_answers(texts, examples, layout)
+    sqls = [x.sql for x in extract_answers(texts, examples, layout)]
     live = score(examples, sqls, layout, timeout=s["sql_timeout_s"])["per_example"]
     return {
         "n": len(sample),

@@ -31,7 +31,7 @@ from pathlib import Path
 from custom_metrics.execution_accuracy import (DB_MISSING, EMPTY, database_files, executed_sql, order_matters,
                                                read_prediction)
 from custom_metrics.safe_sqlite import EXEC_ERROR, OK, run_query
-from scripts.answers import example_key, extract_answers, generate_stored, recover, score
+from scripts.answers import example_key, extract_answers, extraction_counts, generate_stored, recover, score
 from scripts.databases import SpiderLayout
 from scripts.generation import Sampling
 from scripts.store import Spool
@@ -227,7 +227,8 @@ def vote_and_score(examples: Sequence[dict], layout: SpiderLayout, greedy_sqls: 
     """
     start = time.perf_counter()
     texts = [c[0] for c in candidates]
-    candidate_sqls = [extract_answers(ts, [e] * len(ts), layout) for ts, e in zip(texts, examples)]
+    extractions = [extract_answers(ts, [e] * len(ts), layout) for ts, e in zip(texts, examples)]
+    candidate_sqls = [[x.sql for x in xs] for xs in extractions]
     db_files = {e["db_id"]: database_files(layout.database_dir, e["db_id"]) or [] for e in examples}
 
     def one(i: int) -> Vote:
@@ -246,6 +247,7 @@ def vote_and_score(examples: Sequence[dict], layout: SpiderLayout, greedy_sqls: 
         gained=sum(not g and r for g, r in pairs),
         lost=sum(g and not r for g, r in pairs),
         seconds=round(sum(c[1] or 0.0 for c in candidates) + time.perf_counter() - start, 1),
+        extraction=extraction_counts([x for xs in extractions for x in xs]),  # of the candidates
         **sampling_config(sampling),
     )
     return summary

@@ -209,6 +209,9 @@ def test_full_run_writes_report_results_store_adapters_and_plots(full_run):
     # results.json: baseline and per-adapter EX and MMLU, the best adapter, the regression analysis
     base_ex, base_mmlu = results["baseline"]["ex"], results["baseline"]["mmlu"]
     assert base_ex["count"] == N_EVAL and 0 <= base_ex["ex"] <= 1
+    base_rows = [r for r in store["sql"] if r["run_id"] == base_ex["run_id"]]  # answers without SQL are counted
+    assert base_ex["extraction"]["answers"] == N_EVAL
+    assert base_ex["extraction"]["no_sql"] == sum(not r["extracted_sql"] for r in base_rows)
     assert set(base_ex["by_hardness"]) <= {"easy", "medium", "hard", "extra"}
     assert base_mmlu["count"] == N_MMLU and 0 <= base_mmlu["accuracy"] <= 1 and len(base_mmlu["by_subject"]) == 3
     assert "rows" not in base_mmlu  # per-question rows live in the store

@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from scripts.sql_extraction import extract_sql
+from scripts.sql_extraction import Extraction, extract, extract_sql, one_line
 
 CASES = [
     # SmolLM2-135M-Instruct's usual shape: prose, a fenced block, more prose
@@ -86,9 +86,9 @@ def singer_db(tmp_path):
 
 
 @pytest.mark.parametrize("text, without_db, with_db", [
-    # a trailing clause on a line that ends in prose: only the database tells the clause from the prose
+    # a trailing clause on a line that ends in prose: the prose is cut, the clause stays
     ("SELECT name\nFROM singer\nWHERE age > 30 which gives the older ones",
-     "SELECT name FROM singer", "SELECT name FROM singer WHERE age > 30"),
+     "SELECT name FROM singer WHERE age > 30", "SELECT name FROM singer WHERE age > 30"),
     # prose that SQLite's grammar accepts (`where the` is a column named "the") fails on the database
     ("SELECT name FROM singer\nwhere the singers are listed", "SELECT name FROM singer", "SELECT name FROM singer"),
     # the first statement names an unknown column; the second is the one that runs
@@ -105,3 +105,77 @@ def test_extraction_never_writes_the_database(singer_db) -> None:
     assert extract_sql("WITH x AS (SELECT 1) DELETE FROM singer", singer_db) == "WITH x AS (SELECT 1) DELETE FROM singer"
     assert extract_sql("SELECT 1; DROP TABLE singer", singer_db) == "SELECT 1"
     assert singer_db.read_bytes() == before
+
+
+@pytest.fixture
+def battle_db(tmp_path):
+    """A database whose battle table has no lost_in_battle column (the model's query fails on it)."""
+    path = tmp_path / "battle.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE battle (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("CREATE TABLE ship (id INTEGER PRIMARY KEY, lost_in_battle INTEGER, ship_type TEXT)")
+        conn.execute("CREATE TABLE singer (singer_id INTEGER PRIMARY KEY, name TEXT, country TEXT, age INTEGER)")
+    return path
+
+
+FAITHFUL = [
+    # a query that fails on the database is scored whole, never as its subquery
+    "SELECT DISTINCT id, name FROM battle WHERE lost_in_battle IN (SELECT id FROM ship WHERE ship_type = 'Brig')",
+    # nor as the query before its UNION
+    "SELECT name FROM singer UNION SELECT nam FROM singer",
+    "SELECT name FROM singer WHERE age > = 30",  # the metric repairs `> =` itself, as the official evaluator does
+    "SELECT name FROM singer WHERE age > 30 AND AND country = 'France'",  # broken: stays broken
+    "SELECT name FROM singer WHERE age > 30)",  # a stray parenthesis, with the condition before it
+    "SELECT name FROM singer WHERE country = 'France' AND",  # cut off by the token limit
+]
+
+
+@pytest.mark.parametrize("sql", FAITHFUL)
+def test_the_models_statement_is_taken_whole(battle_db, sql) -> None:
+    for text in (sql, f"```sql\n{sql}\n```", f"Here is the query:\n{sql}\n\nIt lists the names."):
+        assert extract_sql(text, battle_db) == sql
+        assert extract_sql(text) == sql
+
+
+def test_a_statement_cut_by_the_token_limit_keeps_its_last_line() -> None:
+    assert extract_sql("SELECT name FROM singer\nWHERE age >") == "SELECT name FROM singer WHERE age >"
+
+
+def test_prose_with_an_apostrophe_before_the_query() -> None:
+    assert extract_sql("Here is the query with the singer's name: SELECT name FROM singer") == "SELECT name FROM singer"
+    assert extract_sql("SELECT name FROM singer WHERE name = 'O''Brien' -- the singer's name") == (
+        "SELECT name FROM singer WHERE name = 'O''Brien'")
+
+
+@pytest.mark.parametrize("text, sql, cut", [
+    ("SELECT name FROM singer", "SELECT name FROM singer", False),
+    ("SELECT name FROM singer;\nThis returns each singer's name.", "SELECT name FROM singer", False),  # ended by `;`
+    ("SELECT name FROM singer\nThis returns each singer's name, with the oldest first.", "SELECT name FROM singer", True),
+    ("SELECT name FROM singer WHERE age > 30 which gives the older ones", "SELECT name FROM singer WHERE age > 30",
+     True),
+    ("I cannot answer that.", "", False),
+])
+def test_extract_says_whether_prose_was_cut(text, sql, cut) -> None:
+    assert extract(text) == Extraction(sql, cut)
+
+
+def test_real_gold_queries_are_extracted_whole_from_chat_answers(real_spider) -> None:
+    """Every Spider dev gold query, alone and wrapped in a chat answer, comes back as itself (on one line)."""
+    import json
+
+    from scripts.databases import databases_layout
+
+    layout = databases_layout(real_spider / "database")
+    examples = json.loads((real_spider / "dev.json").read_text())
+    for example in examples:
+        gold, db = example["query"], layout.db_path(example["db_id"])
+        expected = one_line(gold)
+        for text in (gold, f"Sure! Here is the SQL query:\n```sql\n{gold}\n```\nThis query answers the question."):
+            assert extract_sql(text, db) == expected, (text, db)
+
+
+def test_extraction_counts() -> None:
+    from scripts.answers import extraction_counts
+
+    counts = extraction_counts([Extraction(""), Extraction("SELECT 1", cut=True), Extraction("SELECT 2")])
+    assert counts == {"answers": 3, "no_sql": 1, "prose_cut": 1}
