@@ -33,6 +33,7 @@ from scripts.prompts import end_of_turn, stop_strings
 log = logging.getLogger(__name__)
 
 DECODERS = ("prune", "graph", "hf")
+MASKED_ATTENTIONS = ("sdpa", "eager")  # attentions that read a static step's 4-D mask as it is meant
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ def make_room(cache, room: int) -> None:
             cache.layers[i] = RoomyLayer(layer, room)
 
 
+def attention_implementation(model) -> str | None:
+    """The attention the model was loaded with ("sdpa", "eager", "flash_attention_2", ...)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
 def _power_of_two(n: int) -> int:
     """The smallest power of two >= n."""
     return 1 << max(0, n - 1).bit_length()
@@ -123,6 +129,8 @@ class StaticStep:
     def __init__(self, model, rows: int, length: int, like: Sequence, capture: bool = True):
         keys = like[0].keys
         self.model, self.rows, self.length = model, rows, length
+        self.additive = attention_implementation(model) == "eager"  # eager attention adds the mask to its scores
+        self.dtype = keys.dtype
         self.ids = torch.zeros(rows, 1, dtype=torch.long, device=keys.device)
         self.positions = torch.zeros(rows, dtype=torch.long, device=keys.device)  # of the token fed next
         self.slot = torch.zeros(1, dtype=torch.long, device=keys.device)  # the cache position it is written at
@@ -140,7 +148,11 @@ class StaticStep:
     def _forward(self) -> torch.Tensor:
         """The step itself: the slot unmasked, the model run, slot and positions moved on; the last logits."""
         self.mask.index_fill_(1, self.slot, True)
-        out = self.model(input_ids=self.ids, attention_mask=self.mask[:, None, None, :],
+        mask = self.mask[:, None, None, :]
+        if self.additive:  # 0 where a row attends, the dtype's minimum where it must not
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(self.dtype).min)
+        out = self.model(input_ids=self.ids, attention_mask=mask,
                          position_ids=self.positions[:, None], past_key_values=self.cache, use_cache=True,
                          **self.last_only)
         self.slot += 1
@@ -209,18 +221,24 @@ class StepGraphs:
         self.model, self.length, self.steps = model, 0, {}
         self.unfit_reported, self.capture = False, True
 
-    @staticmethod
-    def fits(cache) -> bool:
-        """Whether every layer of a prefilled cache is a plain full-attention one (a static copy attends alike)."""
+    def fits(self, cache) -> bool:
+        """Whether every layer of a prefilled cache is a plain full-attention one (a static copy attends alike) and
+        the model's attention takes the step's 4-D mask (sdpa: boolean, eager: additive)."""
         layers = getattr(cache, "layers", None)
-        return bool(layers) and all(_full_attention(layer) for layer in layers)
+        return (attention_implementation(self.model) in MASKED_ATTENTIONS and bool(layers)
+                and all(_full_attention(layer) for layer in layers))
 
     def report_unfit(self, cache) -> None:
-        """Say once that this model's cache decodes eagerly (sliding-window or other layers)."""
+        """Say once that this model decodes eagerly (sliding-window or other cache layers, or its attention)."""
         if not self.unfit_reported:
-            kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
-            log.info("static decoding steps need full-attention cache layers; this model's are %s: eager steps",
-                     ", ".join(kinds) or type(cache).__name__)
+            attention = attention_implementation(self.model)
+            if attention not in MASKED_ATTENTIONS:
+                log.info("static decoding steps need sdpa or eager attention; this model's is %s: eager steps",
+                         attention)
+            else:
+                kinds = sorted({type(layer).__name__ for layer in getattr(cache, "layers", [])})
+                log.info("static decoding steps need full-attention cache layers; this model's are %s: eager steps",
+                         ", ".join(kinds) or type(cache).__name__)
             self.unfit_reported = True
 
     def step(self, rows: int, length: int, like: Sequence) -> StaticStep:

@@ -36,9 +36,13 @@ def ending_model(kind: str = "chatml", adapter: bool = False, arch: str = "llama
     return model, tokenizer
 
 
-@pytest.mark.parametrize("adapter,arch", [(False, "llama"), (True, "llama"), (False, "mistral")])
-def test_every_decoder_answers_like_one_prompt_at_a_time(adapter, arch):
-    model, tokenizer = ending_model(adapter=adapter, arch=arch)
+@pytest.mark.parametrize("adapter,arch,attention", [(False, "llama", "sdpa"), (True, "llama", "sdpa"),
+                                                    (False, "mistral", "sdpa"), (False, "llama", "eager"),
+                                                    (True, "llama", "eager")])
+def test_every_decoder_answers_like_one_prompt_at_a_time(adapter, arch, attention):
+    """Under sdpa and eager attention alike (eager adds the mask to its scores: the static steps' mask is additive)."""
+    model, tokenizer = ending_model(adapter=adapter, arch=arch, attn_implementation=attention)
+    assert model.config._attn_implementation == attention
     texts = prompts(tokenizer)
     one_by_one = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="hf")
     assert len(set(one_by_one)) > 1  # the answers differ, so a mix-up of their order would show
@@ -297,3 +301,14 @@ def test_on_a_gpu_a_step_that_cannot_be_captured_runs_eagerly(caplog):
     with caplog.at_level(logging.WARNING, logger="scripts.generation"):
         assert generate(model, tokenizer, texts, batch_size=5, max_new_tokens=16, decoder="graph") == reference
     assert caplog.text.count("cannot be captured as a CUDA graph") == 1
+
+
+def test_an_attention_that_takes_no_4d_mask_decodes_eagerly(caplog):
+    model, _ = ending_model()
+    graphs = StepGraphs(model)
+    model.config._attn_implementation = "flash_attention_2"  # as a model loaded with it reports (not run here)
+    assert not graphs.fits(None)
+    with caplog.at_level(logging.INFO, logger="scripts.generation"):
+        graphs.report_unfit(None)
+        graphs.report_unfit(None)
+    assert caplog.text.count("need sdpa or eager attention; this model's is flash_attention_2") == 1
