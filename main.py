@@ -44,7 +44,8 @@ SELECT_ADAPTER_ON = "greedy"  # the best adapter by "greedy" or "voted" EX
 from scripts import distributed  # noqa: E402
 from scripts.errors import UserError  # noqa: E402
 from scripts.run_state import StageCache  # noqa: E402
-from scripts.settings import Settings, parse_args, resolve_settings  # noqa: E402
+from scripts.cli import parse_args  # noqa: E402
+from scripts.settings import Settings, resolve_settings  # noqa: E402
 from scripts.store import ResultsStore  # noqa: E402
 
 log = logging.getLogger("main")

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from scripts.errors import UserError
-from scripts.settings import STAGES, parse_args, resolve_settings
+from scripts.cli import parse_args
+from scripts.settings import STAGES, resolve_settings
 
 DEFAULTS = {
     "base_model_id": "org/model",
@@ -295,7 +296,7 @@ def test_env_example_documents_every_key_and_parses_uncommented(tmp_path: Path, 
 def help_text(monkeypatch, columns: int) -> str:
     """main.py's --help at a terminal `columns` wide."""
     import main
-    from scripts.settings import build_parser
+    from scripts.cli import build_parser
 
     monkeypatch.setenv("COLUMNS", str(columns))
     return build_parser(main.config_defaults()).format_help()
@@ -313,7 +314,8 @@ def test_help_groups_the_inputs_and_the_outputs(monkeypatch) -> None:
 def test_every_flag_has_a_help_naming_its_default() -> None:
     """Each option: a help text; one that takes a value ends with its default, main.py's constant where it has one."""
     import main
-    from scripts.settings import CONSTANTS, build_parser
+    from scripts.cli import build_parser
+    from scripts.settings import CONSTANTS
 
     constants = main.config_defaults()
     for action in build_parser(constants)._actions:
