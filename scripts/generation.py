@@ -9,21 +9,27 @@ Three decoders give the same greedy answers for the same batch (a test checks it
   models whose cache has other than full-attention layers (sliding windows) decode as "prune" does;
 - "hf": one `model.generate` call per batch (transformers' loop: every row decodes until the last one ends);
   `generate_kwargs` reach it, e.g. cache_implementation="static" for a compiled static cache.
-An answer ends at a stop token (eos, the template's end of turn) or, in the plain format, at a stop string
-(scripts/prompts.py: PLAIN_STOPS), where it is cut. On CUDA out-of-memory a batch is split in halves.
+An answer ends at a stop token (the tokenizer's and the generation config's eos, the template's end of turn) or, in
+the plain format, at a stop string (scripts/prompts.py: PLAIN_STOPS), where it is cut. On CUDA out-of-memory a
+batch is split in halves. Every decoder applies the same logits processing: none for greedy answers (the argmax
+of the model's logits; a generation config's penalties are not applied), temperature and top-p for sampled ones,
+each row drawn from its own seed (the prompt, the candidate's number and Sampling.seed), so a prompt's candidates
+do not depend on the batch it is in, nor on the decoder.
 The pruned decoder writes each step's keys and values into room made after the prefill (RoomyLayer), where
 transformers' cache concatenates the whole layer anew at every step.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from scripts.gpu_memory import is_out_of_memory, release_memory, split_on_oom
@@ -38,7 +44,7 @@ MASKED_ATTENTIONS = ("sdpa", "eager")  # attentions that read a static step's 4-
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampled decoding: `n` answers per prompt at this temperature and top-p, seeded per batch."""
+    """Sampled decoding: `n` answers per prompt at this temperature and top-p, each seeded by its prompt and number."""
 
     n: int = 8
     temperature: float = 0.7
@@ -46,9 +52,12 @@ class Sampling:
     seed: int = 0
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Token ids that end an answer: eos plus the chat template's end-of-turn token when it is one token."""
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos, the model's generation config's eos ids, and the chat
+    template's end-of-turn token when it is one token."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update([configured] if isinstance(configured, int) else configured or [])
     marker = end_of_turn(tokenizer).strip()
     if marker:
         marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
@@ -173,9 +182,11 @@ class StaticStep:
         self.graph = graph
 
     def _reset_rows(self, n: int) -> None:
-        """Rows from n on pad the step: each attends to its first position only (never an empty softmax)."""
+        """Rows from n on pad the step: each attends to its first position only (never an empty softmax), at
+        position 0."""
         self.mask[n:] = False
         self.mask[n:, 0] = True
+        self.positions[n:] = 0
 
     def load(self, prefill: Sequence, mask: torch.Tensor, positions: torch.Tensor) -> None:
         """Take a prefilled batch: its cache layers, 2-D attention mask and positions."""
@@ -346,14 +357,16 @@ def generate(
 ) -> list:
     """Answers for the prompts (greedy, or with `sampling` a list of n per prompt); `done(indices, answers, seconds)`
     after each batch. Prompts in `skip` are left as None; roomy_cache=False keeps transformers' concatenating cache
-    in the pruned decoder (the benchmarks' reference)."""
+    in the pruned decoder (the benchmarks' reference); `generate_kwargs` go to `model.generate` (decoder "hf" only)."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {DECODERS}")
+    if generate_kwargs and decoder != "hf":
+        raise TypeError(f"{', '.join(sorted(generate_kwargs))}: model.generate arguments, taken by decoder 'hf' only")
     tokenizer.padding_side = "left"
     skip = set(skip)
     todo = [i for i in range(len(prompts)) if i not in skip]
     outputs: list = [None] * len(prompts)
-    eos, stops = stop_token_ids(tokenizer), stop_strings(tokenizer)
+    eos, stops = stop_token_ids(tokenizer, model), stop_strings(tokenizer)
     batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
     graphs = StepGraphs(model) if decoder == "graph" else None
     for batch in tqdm(batches, desc="generating SQL", unit="batch"):
@@ -364,8 +377,6 @@ def generate(
             texts = [prompts[i] for i in part]
 
             def attempt() -> list:
-                if sampling:  # seeded by the batch's first prompt, so a resumed run samples the same answers
-                    torch.manual_seed(sampling.seed * 1_000_003 + part[0])
                 if decoder == "hf":
                     return _generate_hf(model, tokenizer, texts, max_new_tokens, eos, stops, sampling,
                                         **generate_kwargs)
@@ -398,21 +409,50 @@ def _group(texts: list[str], n: int | None) -> list:
 @torch.inference_mode()
 def _generate_hf(model, tokenizer, prompts: list[str], max_new_tokens: int, eos: list[int], stops: Sequence[str],
                  sampling: Sampling | None, **generate_kwargs) -> list:
-    """Answers of one left-padded `model.generate` call, each cut at its first stop string."""
+    """Answers of one left-padded `model.generate` call, each cut at its first stop string: greedy over the model's
+    logits, the row sampler choosing each sampled token (the same draws as the other decoders)."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_length = enc["input_ids"].shape[1]
     if stops:
         generate_kwargs["stopping_criteria"] = StoppingCriteriaList(
             [StopAtText(tokenizer, stops, prompt_length), *generate_kwargs.get("stopping_criteria", [])])
-    if sampling:
-        generate_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-                               num_return_sequences=sampling.n)
-    else:
-        generate_kwargs.update(do_sample=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                         pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+    inputs = dict(enc)
+    if sampling:  # n rows per prompt, next to each other, each drawing its own tokens
+        inputs = {k: v.repeat_interleave(sampling.n, 0) for k, v in inputs.items()}
+        generate_kwargs["logits_processor"] = LogitsProcessorList(
+            [RowSampler(sampling, row_seeds(prompts, sampling).to(model.device), prompt_length),
+             *generate_kwargs.get("logits_processor", [])])
+    with _plain_generation_config(model):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
     texts = tokenizer.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
     return _group([cut_at_stop(text, stops) for text in texts], sampling and sampling.n)
+
+
+@contextmanager
+def _plain_generation_config(model) -> Iterator[None]:
+    """While `model.generate` runs: a generation config with the model's special tokens only, so that none of its
+    penalties or sampling settings (e.g. a repetition penalty) changes the logits the other decoders see."""
+    get_base = getattr(model, "get_base_model", None)  # a PEFT model generates through its base model
+    base = get_base() if callable(get_base) else model
+    saved = base.generation_config
+    base.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id, eos_token_id=saved.eos_token_id,
+                                              pad_token_id=saved.pad_token_id)
+    try:
+        yield
+    finally:
+        base.generation_config = saved
+
+
+class RowSampler(LogitsProcessor):
+    """`model.generate`'s scores replaced by the row sampler's choice (greedy decoding then takes it)."""
+
+    def __init__(self, sampling: Sampling, seeds: torch.Tensor, prompt_length: int):
+        self.sampling, self.seeds, self.prompt_length = sampling, seeds, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        chosen = sample_tokens(scores, self.sampling, self.seeds, input_ids.shape[1] - self.prompt_length)
+        return torch.full_like(scores, -float("inf")).scatter_(1, chosen[:, None], 0.0)
 
 
 def _prefill(model, tokenizer, prompts: list[str], sampling: Sampling | None):
@@ -466,14 +506,16 @@ def _generate_pruned(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         if roomy_cache:
             make_room(cache, max_new_tokens)
         steps = _EagerSteps(model, cache, mask, positions)
-    answers = _decode(first, steps, tokenizer, max_new_tokens, eos, stops, sampling)
+    seeds = row_seeds(prompts, sampling).to(first.device) if sampling else None
+    answers = _decode(first, steps, tokenizer, max_new_tokens, eos, stops, sampling, seeds)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     return _group([cut_at_stop(text, stops) for text in texts], sampling and sampling.n)
 
 
 def _decode(logits: torch.Tensor, steps, tokenizer, max_new_tokens: int, eos: list[int], stops: Sequence[str],
-            sampling: Sampling | None) -> list[list[int]]:
-    """The new tokens of each row, from the prefill's last logits: a token at a time, ended rows dropped."""
+            sampling: Sampling | None, seeds: torch.Tensor | None = None) -> list[list[int]]:
+    """The new tokens of each row, from the prefill's last logits: a token at a time, ended rows dropped; sampled
+    rows draw from their `seeds`."""
     rows, device = logits.shape[0], logits.device
     alive = torch.arange(rows, device=device)  # the original row of each row still in the batch
     tokens = torch.empty(rows, 0, dtype=torch.long, device=device)  # new tokens of the rows still in the batch
@@ -481,7 +523,7 @@ def _decode(logits: torch.Tensor, steps, tokenizer, max_new_tokens: int, eos: li
     stop_ids = torch.tensor(eos, device=device)
     stop_text = StopAtText(tokenizer, stops, 0) if stops else None
     for step in range(max_new_tokens):
-        chosen = _next_tokens(logits, sampling)
+        chosen = logits.argmax(dim=-1) if sampling is None else sample_tokens(logits, sampling, seeds[alive], step)
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
         ended = torch.isin(chosen, stop_ids)
         if stop_text is not None:
@@ -501,14 +543,45 @@ def _decode(logits: torch.Tensor, steps, tokenizer, max_new_tokens: int, eos: li
     return answers
 
 
-def _next_tokens(logits: torch.Tensor, sampling: Sampling | None) -> torch.Tensor:
-    """The next token of each row: the most likely (greedy), or drawn with temperature and top-p."""
-    logits = logits.float()
-    if sampling is None:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+def row_seeds(prompts: Sequence[str], sampling: Sampling) -> torch.Tensor:
+    """The seed of each sampled row, n per prompt in order: from the prompt's text, the candidate's number and
+    Sampling.seed alone, so a candidate is the same in any batch (and in a resumed run)."""
+    seeds = []
+    for prompt in prompts:
+        for j in range(sampling.n):
+            digest = hashlib.blake2b(f"{sampling.seed}\0{j}\0{prompt}".encode(), digest_size=8).digest()
+            seeds.append(int.from_bytes(digest, "little", signed=True))
+    return torch.tensor(seeds, dtype=torch.long)
+
+
+def _int64(value: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 that has its bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical right shift of int64 values (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One number in [0, 1) per row from its seed and the step (splitmix64; int64 arithmetic wraps)."""
+    x = seeds + _int64((step + 1) * _GOLDEN % (1 << 64))
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return _shift_right(x, 11).double() / float(1 << 53)
+
+
+def sample_tokens(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """One token per row, drawn with temperature and top-p by the row's own uniform number at this step."""
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    picked = torch.multinomial(sorted_probs, 1)
+    cumulative = sorted_probs.masked_fill(outside, 0.0).double().cumsum(-1)
+    target = uniform(seeds, step).to(cumulative.device) * cumulative[:, -1]
+    picked = torch.searchsorted(cumulative, target[:, None], right=True).clamp(max=cumulative.shape[-1] - 1)
     return order.gather(-1, picked).flatten()

@@ -312,3 +312,61 @@ def test_an_attention_that_takes_no_4d_mask_decodes_eagerly(caplog):
         graphs.report_unfit(None)
         graphs.report_unfit(None)
     assert caplog.text.count("need sdpa or eager attention; this model's is flash_attention_2") == 1
+
+
+def test_candidates_depend_on_the_prompt_and_the_seed_not_on_the_batch_nor_the_decoder():
+    model, tokenizer = ending_model()
+    texts = prompts(tokenizer)
+    sampling = Sampling(n=3, temperature=1.0, top_p=0.9, seed=5)
+    alone = [generate(model, tokenizer, [t], batch_size=1, max_new_tokens=10, sampling=sampling, decoder="prune")[0]
+             for t in texts]
+    assert len({a for c in alone for a in c}) > len(texts)  # sampled: not n copies of one answer per prompt
+    for decoder in DECODERS:
+        for batch_size in (2, 5):
+            together = generate(model, tokenizer, texts[::-1], batch_size=batch_size, max_new_tokens=10,
+                                sampling=sampling, decoder=decoder)
+            assert together[::-1] == alone, (decoder, batch_size)
+
+
+def test_a_generation_configs_penalties_change_no_decoders_answers():
+    """Greedy is the argmax of the model's logits in every decoder: model.generate no longer applies the model's
+    repetition penalty or n-gram ban (the other decoders never did)."""
+    model, tokenizer = ending_model()
+    texts = prompts(tokenizer)
+    plain = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="prune")
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 3.0, 1
+    model.generation_config.min_new_tokens = 8
+    for decoder in DECODERS:
+        assert generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, decoder=decoder) == plain, decoder
+    assert model.generation_config.repetition_penalty == 3.0  # the model's own config is left as it was
+
+
+def test_the_generation_configs_eos_ids_end_answers_in_every_decoder():
+    model, tokenizer = ending_model()
+    texts = prompts(tokenizer)
+    before = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="prune")
+    longest = max(range(len(texts)), key=lambda i: len(before[i]))
+    ids = tokenizer(before[longest], add_special_tokens=False)["input_ids"]
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[len(ids) // 2]]  # one in the middle of it
+    for decoder in DECODERS:
+        after = generate(model, tokenizer, texts, batch_size=3, max_new_tokens=16, decoder=decoder)[longest]
+        assert len(after) < len(before[longest]) and before[longest].startswith(after), decoder
+
+
+def test_model_generate_arguments_outside_the_hf_decoder_are_an_error():
+    model, tokenizer = ending_model()
+    with pytest.raises(TypeError, match="cache_implementation"):
+        generate(model, tokenizer, prompts(tokenizer)[:1], decoder="prune", cache_implementation="static")
+
+
+def test_the_padding_rows_of_a_static_step_restart_at_position_zero():
+    model, tokenizer = ending_model()
+    texts = prompts(tokenizer)[:3]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model(**enc, use_cache=True)
+    layers = out.past_key_values.layers
+    step = StaticStep(model, 4, 128, layers, capture=False)
+    step.positions.fill_(1000)  # what the rows of an earlier, longer batch left
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    step.load(layers, enc["attention_mask"], positions)
+    assert step.positions[3] == 0 and step.positions[:3].tolist() == (positions[:, -1] + 1).tolist()
