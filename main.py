@@ -22,7 +22,7 @@ from contextlib import nullcontext
 BASE_MODEL_ID = "openlm-research/open_llama_3b_v2"  # Hub id, local folder or .gguf file
 SAMPLE_SIZE_EVAL = 200  # examples of each evaluation set (seeded subset); None = all
 SAMPLE_SIZE_TRAIN = 2000  # train examples (seeded subset); None = all
-TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training.py (OOM: batch halved)
+TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/training_config.py (OOM: batch halved)
     {"learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
     {"learning_rate": 1e-4, "num_train_epochs": 2, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
 ]
@@ -77,11 +77,11 @@ def config_defaults() -> dict:
 def run(s: Settings) -> dict:
     """The whole pipeline, stage by stage; a stage left out of --stages reuses its saved result if any."""
     # the stages bring torch and transformers (seconds to import): loaded here, so --help and a bad flag answer at once
-    from scripts import evaluate, mmlu, pre_proc, regression, report, spider_data, training
+    from scripts import evaluate, mmlu, pre_proc, regression, report, spider_data, training, training_config
     from scripts.model_source import check_model_source
     from scripts.models import ModelCache
 
-    training.validate_training_configs(s.training_configs)  # every input is checked before anything is written
+    training_config.validate_training_configs(s.training_configs)  # every input is checked before anything is written
     check_model_source(s.base_model_id, s.hf_token)  # a missing path, an unknown Hub id, the Hub unreachable
     mmlu.check_data(s)
     data = spider_data.prepare_stage(s)  # 1. the train and evaluation sets and their databases (Spider's or yours)

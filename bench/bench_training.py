@@ -20,7 +20,8 @@ from pathlib import Path
 from bench import save_json
 from scripts.errors import UserError
 from scripts.pre_proc import load_jsonl
-from scripts.training import QLoRATrainer, validate_training_configs
+from scripts.training import QLoRATrainer
+from scripts.training_config import validate_training_configs
 
 H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 SXM
 REFERENCE = {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "gradient_checkpointing": True,

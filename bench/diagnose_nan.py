@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 import scripts.models as models
 import scripts.training as training
 from scripts.pre_proc import load_jsonl
+from scripts.training_config import validate_training_configs
 
 MODEL, DATA, OUT = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 VARIANTS = sys.argv[4].split(",")
@@ -88,7 +89,7 @@ for variant in VARIANTS:
 
     watch = Watch(None)
     trainer = training.QLoRATrainer(MODEL, OUT / variant, quantization=quant, loader=loader, callbacks=[watch])
-    config = training.validate_training_configs([{
+    config = validate_training_configs([{
         "learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": int(os.environ.get("BATCH", 8)),
         "gradient_accumulation_steps": 1, "gradient_checkpointing": False, "max_length": 1536,
         "save_steps": 100000, "logging_steps": 1}])[0]

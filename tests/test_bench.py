@@ -1,7 +1,7 @@
 """The training benchmark compares its variants on the same examples, and --only keeps the reference."""
 from bench.bench_training import LEVERS, REFERENCE, selected_levers, steps_for_same_examples
 from scripts.settings import QUANTIZATIONS
-from scripts.training import validate_training_configs
+from scripts.training_config import validate_training_configs
 
 
 def test_every_lever_sees_the_reference_number_of_examples():

@@ -81,7 +81,8 @@ def test_precision_is_fp16_mixed_precision_on_a_t4_and_bf16_from_ampere_on(monke
 
 
 def test_pre_ampere_gpu_trains_in_fp16_mixed_precision(monkeypatch, tmp_path):
-    from scripts.training import _sft_config, validate_training_configs
+    from scripts.training import _sft_config
+    from scripts.training_config import validate_training_configs
 
     with monkeypatch.context() as m:
         fake_gpu(m, 7, 5, "Tesla T4")

@@ -245,7 +245,7 @@ def test_token_never_appears_in_public_settings(tmp_path: Path) -> None:
 
 def test_demo_defaults_fit_a_small_cpu_and_leave_other_runs_alone(tmp_path: Path) -> None:
     from scripts.settings import DEMO_TRAINING_CONFIGS, demo_defaults
-    from scripts.training import validate_training_configs
+    from scripts.training_config import validate_training_configs
 
     demo = demo_defaults()
     assert (demo["eval_batch_size"], demo["max_new_tokens"]) == (21, 96)

@@ -12,9 +12,9 @@ from transformers import TrainerCallback
 from scripts.errors import UserError
 from scripts.prompts import render
 from scripts.training import (
-    TRAINING_DEFAULTS, QLoRATrainer, _drop_padding_mask, _lora_config, _sft_config, halved_batch, run_name,
-    tokenize_for_training, validate_training_configs,
+    QLoRATrainer, _drop_padding_mask, _lora_config, _sft_config, halved_batch, run_name, tokenize_for_training,
 )
+from scripts.training_config import TRAINING_DEFAULTS, validate_training_configs
 from tests.tiny_models import build_tiny_model, build_tokenizer
 
 INIT_RANGE = 0.2  # large enough that the frozen output head lets a LoRA-only run lower the loss clearly
