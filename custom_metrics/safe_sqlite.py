@@ -192,7 +192,7 @@ def run_query(
         rows = _fetch_capped(cursor, max_rows, max_total_bytes)
     except OverflowError as exc:
         return QueryResult(None, TOO_LARGE, str(exc))
-    except sqlite3.ProgrammingError as exc:  # e.g. "You can only execute one statement at a time."
+    except (sqlite3.ProgrammingError, sqlite3.Warning) as exc:  # "You can only execute one statement at a time."
         return QueryResult(None, EXEC_ERROR, str(exc))
     except (sqlite3.Error, MemoryError) as exc:
         timed_out = time.monotonic() > guard.deadline

@@ -59,6 +59,27 @@ def test_second_statement_is_refused(db):
     assert result.error == "exec_error" and "one statement" in result.message
 
 
+def test_a_warning_raised_for_a_second_statement_is_an_error_too(db, monkeypatch):
+    """Python 3.10's sqlite3 raises a Warning, not a ProgrammingError, for a second statement."""
+    import custom_metrics.safe_sqlite as safe_sqlite
+
+    class Cursor:
+        def execute(self, sql):
+            raise sqlite3.Warning("You can only execute one statement at a time.")
+
+        def close(self):
+            pass
+
+    class Connection:
+        def cursor(self):
+            return Cursor()
+
+    conn, guard = safe_sqlite._default_cache().get(db)
+    monkeypatch.setattr(safe_sqlite._default_cache(), "get", lambda path: (Connection(), guard))
+    result = run_query(db, "SELECT 1; SELECT 2")
+    assert result.error == "exec_error" and "one statement" in result.message
+
+
 def test_missing_database_is_an_error_and_no_file_is_created(tmp_path):
     missing = tmp_path / "nothing" / "none.sqlite"
     result = run_query(missing, "SELECT 1")
