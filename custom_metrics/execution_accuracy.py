@@ -277,7 +277,7 @@ def _mean(examples: list[dict]) -> float:
 def _known_db_ids(table_file: str | Path) -> set[str]:
     path = Path(table_file)
     try:
-        return {entry["db_id"] for entry in json.loads(path.read_text(encoding="utf-8"))}
+        return {entry["db_id"] for entry in json.loads(path.read_text(encoding="utf-8-sig"))}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"cannot read the Spider tables file {path}: {exc}; pass the tables.json of the data set") from exc
 
@@ -393,7 +393,7 @@ def read_gold(path: Path) -> tuple[list[str], list[str]]:
 def _read_lines(path: Path, option: str) -> list[str]:
     if not path.is_file():
         raise UserError(f"{option} file {path} not found")
-    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return path.read_text(encoding="utf-8-sig", errors="replace").splitlines()  # a BOM is not part of the first line
 
 
 def format_summary(summary: dict) -> str:

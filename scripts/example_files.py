@@ -66,9 +66,9 @@ def read_json(path: Path, fix: str):
 
 
 def _read_text(path: Path, fix: str) -> str:
-    """A UTF-8 text file; anything else is a UserError naming it."""
+    """A UTF-8 text file, with or without a byte-order mark; anything else is a UserError naming it."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 ({fix})") from None
     except OSError as e:

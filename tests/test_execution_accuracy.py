@@ -330,6 +330,15 @@ def test_cli_happy_path_with_per_example_file(cli_files, tmp_path):
     assert all(r["hardness"] in ("easy", "medium", "hard", "extra") for r in rows)
 
 
+def test_cli_reads_gold_and_prediction_files_with_a_byte_order_mark(cli_files):
+    gold, pred, db_dir = cli_files
+    for path in (gold, pred):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    result = run_cli("--gold", str(gold), "--pred", str(pred), "--db", str(db_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["errors"] == {"ok": 1, "wrong_result": 1, "empty": 1, "db_missing": 1}
+
+
 def test_cli_json_summary(cli_files):
     gold, pred, db_dir = cli_files
     result = run_cli("--gold", str(gold), "--pred", str(pred), "--db", str(db_dir), "--json", "--workers", "1")

@@ -168,6 +168,14 @@ def test_each_bad_file_is_a_message_naming_it(data, tmp_path, content, message):
     assert message.format(path=path) in str(error.value)
 
 
+@pytest.mark.parametrize("writer", [write_json, write_jsonl])
+def test_a_utf8_byte_order_mark_is_accepted(data, tmp_path, writer):
+    path = writer(tmp_path / "bom.json", EVAL[:USABLE_EVAL])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Windows editors save "UTF-8 with BOM"
+    loaded = load_user_set(path, EVAL_SETTING, databases_layout(data.dbs), 5.0)
+    assert loaded.examples == EVAL[:USABLE_EVAL]
+
+
 def test_bad_databases_are_messages_naming_the_file(data, tmp_path):
     with pytest.raises(UserError, match="no example of .* can be used .*2 without a database"):
         load_user_set(write_jsonl(tmp_path / "e.jsonl", [EVAL[-1], EVAL[-1]]), EVAL_SETTING,
