@@ -181,7 +181,7 @@ def read_demo_examples(path: Path, db_ids: set[str]) -> list[dict]:
         raise UserError(f"{path} is missing; restore data/demo/ from git") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}; fix it") from None
-    for i, example in enumerate(examples):
+    for i, example in enumerate(examples, 1):  # entries counted from 1, as the user's files are
         if not all(isinstance(example.get(k), str) for k in ("question", "query", "db_id")):
             raise UserError(f"{path}: entry {i} needs question, query and db_id strings; fix it")
         if example["db_id"] not in db_ids:

@@ -1,7 +1,7 @@
 """Example files, Spider's and the user's: a JSON list or JSON lines of {question, query, db_id}, every entry checked.
 
 A file is read once per version (its size and mtime); an error is a UserError naming the file and the place
-("entry 3" of a list, "line 4" of JSON lines), ending in the `fix` advice its caller gives.
+("entry 3" of a list, "line 4" of JSON lines, both counted from 1), ending in the `fix` advice its caller gives.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def _read_examples_cached(path: str, size: int, mtime_ns: int, fix: str) -> tupl
     text = _read_text(Path(path), fix)
     if text.lstrip().startswith("["):
         data = _parse_json(Path(path), text, fix)
-        places = tuple(f"entry {i}" for i in range(len(data) if isinstance(data, list) else 0))
+        count = len(data) if isinstance(data, list) else 0
+        places = tuple(f"entry {n}" for n in range(1, count + 1))  # counted from 1, as lines are
     else:  # JSON lines: an entry is named by its line
         data = _parse_json_lines(Path(path), text, fix)
         places = tuple(f"line {n}" for n, line in enumerate(text.splitlines(), 1) if line.strip())

@@ -151,7 +151,7 @@ def test_changed_source_rebuilds_the_zip(tmp_path):
 def test_unknown_db_id_in_a_source_split_is_a_user_error(tmp_path):
     source = copy_sources(tmp_path)
     (source / "train.json").write_text(json.dumps([{"question": "q", "query": "SELECT 1", "db_id": "zoo"}]))
-    with pytest.raises(UserError, match=r"train\.json: entry 0 uses db_id 'zoo'.*zoo\.sql"):
+    with pytest.raises(UserError, match=r"train\.json: entry 1 uses db_id 'zoo'.*zoo\.sql"):
         build_demo_data(tmp_path / "out", source)
 
 

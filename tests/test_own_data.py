@@ -140,7 +140,7 @@ def test_json_list_and_json_lines_both_load_extra_fields_dropped_both_layouts(da
 
     evaluation = load_user_set(data.eval, EVAL_SETTING, dbs, 5.0, unique=True)
     assert [e["question"] for e in evaluation.examples] == [e["question"] for e in EVAL[:USABLE_EVAL]]
-    assert "1 examples left out, the same db_id and question as an earlier one: entry 5 repeats entry 0" in caplog.text
+    assert "1 examples left out, the same db_id and question as an earlier one: entry 6 repeats entry 1" in caplog.text
     assert load_user_set(data.holdout, EVAL_SETTING, dbs, 5.0).examples == HOLDOUT
 
 
@@ -152,7 +152,7 @@ def test_json_list_and_json_lines_both_load_extra_fields_dropped_both_layouts(da
      "{path} line 2 is not valid JSON"),
     ('{"question": "q", "query": "SELECT 1", "db_id": "pets"}\n\n{"question": "q2", "db_id": "pets"}\n',
      "{path}: line 3 lacks query"),
-    ('[{"question": "q", "query": " ", "db_id": "pets"}]', "{path}: entry 0 lacks query"),
+    ('[{"question": "q", "query": " ", "db_id": "pets"}]', "{path}: entry 1 lacks query"),
     ('[]', "{path} holds no examples"),
     ('{"a": 1}', "{path}: line 1 lacks question, query, db_id"),
     (b'[{"question": "caf\xe9", "query": "SELECT 1", "db_id": "pets"}]', "{path} is not UTF-8 text"),

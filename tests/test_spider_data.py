@@ -176,7 +176,7 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
 def test_entry_without_required_field(tmp_path):
     folder = make_spider_folder(tmp_path / "src")
     (folder / "train_spider.json").write_text(json.dumps(TRAIN + [{"question": "q", "db_id": "concert"}]))
-    with pytest.raises(UserError, match=r"train_spider\.json: entry 2 lacks query"):
+    with pytest.raises(UserError, match=r"train_spider\.json: entry 3 lacks query"):
         prepare_spider(folder, tmp_path / "out")
 
 
