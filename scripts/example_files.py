@@ -34,6 +34,7 @@ def _read_examples_cached(path: str, size: int, mtime_ns: int, fix: str) -> tupl
         count = len(data) if isinstance(data, list) else 0
         places = tuple(f"entry {n}" for n in range(1, count + 1))  # counted from 1, as lines are
     else:  # JSON lines: an entry is named by its line
+        _refuse_wrapping_object(Path(path), text, fix)
         data = _parse_json_lines(Path(path), text, fix)
         places = tuple(f"line {n}" for n, line in enumerate(text.splitlines(), 1) if line.strip())
     if not isinstance(data, list):
@@ -45,6 +46,31 @@ def _read_examples_cached(path: str, size: int, mtime_ns: int, fix: str) -> tupl
             raise UserError(f"{path}: {place} lacks {', '.join(lacking)} (each example needs question, query and "
                             "db_id as non-empty strings; other fields are ignored); fix or remove that entry")
     return data, places
+
+
+def _refuse_wrapping_object(path: Path, text: str, fix: str) -> None:
+    """A file that is one JSON object but not an example (such as {"data": [...]}) is a UserError naming its lists."""
+    if not text.lstrip().startswith("{"):
+        return
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return  # several values (JSON lines) or malformed: read line by line
+    if isinstance(value, dict) and not any(k in value for k in REQUIRED_FIELDS):  # else: JSON lines of one example
+        raise UserError(f"{path}: a JSON object, not a list of examples; {_object_advice(value)} ({fix})")
+
+
+def _object_advice(value: dict) -> str:
+    """What to do with a JSON object that holds the examples: which of its keys hold lists, or what keys it has."""
+    lists = sorted(((k, len(v)) for k, v in value.items() if isinstance(v, list)), key=lambda kv: -kv[1])
+    if len(lists) == 1:
+        return f"its key {lists[0][0]!r} holds a list of {lists[0][1]}: put that list at the top level"
+    if lists:
+        named = ", ".join(f"{k!r} ({n})" for k, n in lists)
+        return f"its keys {named} hold lists: put the list of examples at the top level"
+    keys = ", ".join(repr(k) for k in list(value)[:5]) or "none"
+    return (f"it holds no list (keys: {keys}); give a JSON list, or JSON lines, of "
+            "{\"question\", \"query\", \"db_id\"} objects")
 
 
 def _parse_json_lines(path: Path, text: str, fix: str) -> list:

@@ -154,7 +154,12 @@ def test_json_list_and_json_lines_both_load_extra_fields_dropped_both_layouts(da
      "{path}: line 3 lacks query"),
     ('[{"question": "q", "query": " ", "db_id": "pets"}]', "{path}: entry 1 lacks query"),
     ('[]', "{path} holds no examples"),
-    ('{"a": 1}', "{path}: line 1 lacks question, query, db_id"),
+    ('{"a": 1}', "{path}: a JSON object, not a list of examples; it holds no list (keys: 'a')"),
+    ('{"question": "q", "db_id": "pets"}', "{path}: line 1 lacks query"),  # JSON lines of one (incomplete) example
+    (json.dumps({"version": 2, "data": EVAL}, indent=2),
+     "{path}: a JSON object, not a list of examples; its key 'data' holds a list of 7: put that list at the top level"),
+    (json.dumps({"train": TRAIN, "dev": EVAL}),
+     "{path}: a JSON object, not a list of examples; its keys 'train' (10), 'dev' (7) hold lists"),
     (b'[{"question": "caf\xe9", "query": "SELECT 1", "db_id": "pets"}]', "{path} is not UTF-8 text"),
 ])
 def test_each_bad_file_is_a_message_naming_it(data, tmp_path, content, message):
