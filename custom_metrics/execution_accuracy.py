@@ -152,8 +152,17 @@ def result_eq(gold: list[tuple], pred: list[tuple], order_matters: bool) -> bool
 
 # ---------------------------------------------------------------- scoring one example
 
+def is_plain_name(db_id: str) -> bool:
+    """Whether db_id names something directly in the database folder: not empty, '.' or '..', no separator or NUL."""
+    return bool(db_id) and db_id not in (".", "..") and not any(c in db_id for c in "/\\\0")
+
+
 def database_path(db_dir: str | Path, db_id: str) -> Path | None:
-    """`<db_id>/<db_id>.sqlite` (Spider's layout) or else `<db_id>.sqlite` under db_dir, when it is a file; else None."""
+    """`<db_id>/<db_id>.sqlite` (Spider's layout) or else `<db_id>.sqlite` under db_dir, when it is a file; else None.
+
+    A db_id that is not a plain name (`../x`, `a/b`, an absolute path) has none: no path outside db_dir is opened."""
+    if not is_plain_name(db_id):
+        return None
     for path in (Path(db_dir) / db_id / f"{db_id}.sqlite", Path(db_dir) / f"{db_id}.sqlite"):
         if path.is_file():
             return path
@@ -290,6 +299,10 @@ def _check_inputs(predictions, golds, db_ids, db_dir, table_file) -> None:
         )
     if db_dir is None or not Path(db_dir).is_dir():
         raise UserError(f"database folder {db_dir} not found: pass the Spider `database` folder (db_dir / --db)")
+    unplain = sorted({d for d in db_ids if not is_plain_name(d)})
+    if unplain:
+        raise UserError(f"db_ids {unplain[:5]} are not plain names: a db_id names <db_id>/<db_id>.sqlite or "
+                        "<db_id>.sqlite in the database folder, without '/', '\\' or '..'")
     if table_file:
         unknown = sorted(set(db_ids) - _known_db_ids(table_file))
         if unknown:
@@ -385,6 +398,9 @@ def read_gold(path: Path) -> tuple[list[str], list[str]]:
         fields = line.strip().split("\t")
         if len(fields) < 2 or not fields[0].strip() or not fields[-1].strip():
             raise UserError(f"{path} line {number}: expected `SQL<TAB>db_id`, got {line.strip()[:80]!r}")
+        if not is_plain_name(fields[-1].strip()):
+            raise UserError(f"{path} line {number}: db_id {fields[-1].strip()!r} is not a plain name (no '/', '\\' "
+                            "or '..'); it names <db_id>/<db_id>.sqlite or <db_id>.sqlite in the --db folder")
         queries.append(fields[0])
         db_ids.append(fields[-1].strip())
     return queries, db_ids

@@ -9,6 +9,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from custom_metrics.execution_accuracy import is_plain_name
 from scripts.errors import UserError
 
 REQUIRED_FIELDS = ("question", "query", "db_id")
@@ -45,6 +46,10 @@ def _read_examples_cached(path: str, size: int, mtime_ns: int, fix: str) -> tupl
         if lacking:
             raise UserError(f"{path}: {place} lacks {', '.join(lacking)} (each example needs question, query and "
                             "db_id as non-empty strings; other fields are ignored); fix or remove that entry")
+        if not is_plain_name(entry["db_id"]):
+            raise UserError(f"{path}: {place} has db_id {entry['db_id']!r}, not a plain name: a db_id names "
+                            "<db_id>/<db_id>.sqlite or <db_id>.sqlite in the databases folder, without '/', '\\' "
+                            "or '..'; fix that entry")
     return data, places
 
 

@@ -3,6 +3,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import sqlparse
 
-from custom_metrics.execution_accuracy import execution_accuracy, remove_distinct, result_eq
+from custom_metrics.execution_accuracy import UserError, database_path, execution_accuracy, read_gold, remove_distinct, result_eq
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DB_ID = "shop"
@@ -195,6 +196,20 @@ def test_a_database_may_also_be_one_file_named_after_its_db_id(tmp_path):
     conn.commit()
     conn.close()
     assert score(flat_dir, "SELECT count(*) FROM items", "SELECT 1")["correct"] is True
+
+
+def test_a_db_id_outside_the_database_folder_is_never_opened(db_dir, tmp_path):
+    inner = db_dir / "inner"
+    inner.mkdir()
+    escape = f"../{DB_ID}"  # inner/../shop.sqlite would be a real database file
+    shutil.copy(db_dir / DB_ID / f"{DB_ID}.sqlite", db_dir / f"{DB_ID}.sqlite")
+    assert database_path(inner, escape) is None and database_path(inner, "..") is None
+    with pytest.raises(UserError, match=r"not plain names"):
+        execution_accuracy(["SELECT 1"], ["SELECT 1"], [escape], inner)
+    gold = tmp_path / "gold.sql"
+    gold.write_text(f"SELECT 1\t{DB_ID}\nSELECT 1\t{escape}\n")
+    with pytest.raises(UserError, match=r"gold\.sql line 2: db_id .* is not a plain name"):
+        read_gold(gold)
 
 
 def test_check_golds_runs_each_gold_as_scoring_does_and_changes_nothing(db_dir):

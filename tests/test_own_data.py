@@ -181,6 +181,16 @@ def test_a_utf8_byte_order_mark_is_accepted(data, tmp_path, writer):
     assert loaded.examples == EVAL[:USABLE_EVAL]
 
 
+@pytest.mark.parametrize("db_id", ["../outside", "shop/../../outside", "/abs/outside", "..", "a\\b"])
+def test_a_db_id_that_is_not_a_plain_name_is_refused(data, tmp_path, db_id):
+    shutil.copy(data.dbs / "pets.sqlite", data.dbs.parent / "outside.sqlite")  # what "../outside" would reach
+    examples = [EVAL[0], dict(EVAL[1], db_id=db_id.replace("/abs", str(data.dbs.parent)))]
+    for path, place in ((write_json(tmp_path / "e.json", examples), "entry 2"),
+                        (write_jsonl(tmp_path / "e.jsonl", examples), "line 2")):
+        with pytest.raises(UserError, match=f"{path}: {place} has db_id .*, not a plain name"):
+            load_user_set(path, EVAL_SETTING, databases_layout(data.dbs), 5.0)
+
+
 def test_bad_databases_are_messages_naming_the_file(data, tmp_path):
     with pytest.raises(UserError, match="no example of .* can be used .*2 without a database"):
         load_user_set(write_jsonl(tmp_path / "e.jsonl", [EVAL[-1], EVAL[-1]]), EVAL_SETTING,
