@@ -124,6 +124,25 @@ def attention_implementation(model) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
+def _static_view(layer: StaticLayer, rows: int) -> StaticLayer:
+    """A StaticLayer over the first `rows` rows of another one's keys and values."""
+    view = StaticLayer(max_cache_len=layer.max_cache_len)
+    view.dtype, view.device, view.num_heads = layer.dtype, layer.device, layer.num_heads
+    view.k_head_dim, view.v_head_dim, view.batch_size = layer.k_head_dim, layer.v_head_dim, rows
+    view.keys, view.values = layer.keys[:rows], layer.values[:rows]
+    view.cumulative_length = layer.cumulative_length.clone()
+    view.is_initialized = True
+    return view
+
+
+def _gather_rows(source: torch.Tensor, rows: torch.Tensor, target: torch.Tensor, chunk: int = 64) -> None:
+    """target[:len(rows)] = source[rows], chunk by chunk: safe when target is the first rows of source's memory,
+    since ascending rows never read a row an earlier chunk has written (rows[i] >= i)."""
+    for start in range(0, rows.numel(), chunk):
+        part = rows[start : start + chunk]
+        target[start : start + part.numel()] = source[part]
+
+
 def _power_of_two(n: int) -> int:
     """The smallest power of two >= n."""
     return 1 << max(0, n - 1).bit_length()
@@ -135,7 +154,8 @@ class StaticStep:
     one replay, where an eager step launches every kernel of every layer from Python. The mask hides the cache's
     padding and the positions not yet written; elsewhere than on a GPU the step runs eagerly on the same buffers."""
 
-    def __init__(self, model, rows: int, length: int, like: Sequence, capture: bool = True):
+    def __init__(self, model, rows: int, length: int, like: Sequence, capture: bool = True,
+                 base: StaticStep | None = None, pool=None):
         keys = like[0].keys
         self.model, self.rows, self.length = model, rows, length
         self.additive = attention_implementation(model) == "eager"  # eager attention adds the mask to its scores
@@ -144,15 +164,18 @@ class StaticStep:
         self.positions = torch.zeros(rows, dtype=torch.long, device=keys.device)  # of the token fed next
         self.slot = torch.zeros(1, dtype=torch.long, device=keys.device)  # the cache position it is written at
         self.mask = torch.zeros(rows, length, dtype=torch.bool, device=keys.device)
-        self.layers = [StaticLayer(max_cache_len=length) for _ in like]
-        for layer, other in zip(self.layers, like):
-            layer.lazy_initialization(other.keys[:1, :, :1].expand(rows, -1, -1, -1),
-                                      other.values[:1, :, :1].expand(rows, -1, -1, -1))
+        if base is None:
+            self.layers = [StaticLayer(max_cache_len=length) for _ in like]
+            for layer, other in zip(self.layers, like):
+                layer.lazy_initialization(other.keys[:1, :, :1].expand(rows, -1, -1, -1),
+                                          other.values[:1, :, :1].expand(rows, -1, -1, -1))
+        else:  # the first rows of a larger step's caches: a batch's steps hold its keys and values once
+            self.layers = [_static_view(layer, rows) for layer in base.layers]
         self.cache = Cache(layers=self.layers)
         self.last_only = keep_last_logits(model, 1)
         self.graph, self.logits = None, None
         if capture and keys.device.type == "cuda":
-            self._capture()
+            self._capture(pool)
 
     def _forward(self) -> torch.Tensor:
         """The step itself: the slot unmasked, the model run, slot and positions moved on; the last logits."""
@@ -168,16 +191,20 @@ class StaticStep:
         self.positions += 1
         return out.logits[:, -1]
 
-    def _capture(self) -> None:
-        """Capture the step as a CUDA graph, after one run outside it (kernels chosen, workspaces made); both runs
-        write junk that `load` or `take` overwrites."""
+    def _capture(self, pool=None) -> None:
+        """Capture the step as a CUDA graph (in `pool`, shared by the steps of one cache length), after one run
+        outside it (kernels chosen, workspaces made). That run writes keys and values at the cache's last position,
+        which no step reads before writing it (a larger step's rows may sit in these caches), and junk elsewhere
+        that `load` or `take` overwrites."""
+        for layer in self.layers:
+            layer.cumulative_length.fill_(self.length - 1)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._forward()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             self.logits = self._forward()
         self.graph = graph
 
@@ -188,12 +215,13 @@ class StaticStep:
         self.mask[n:, 0] = True
         self.positions[n:] = 0
 
-    def load(self, prefill: Sequence, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        """Take a prefilled batch: its cache layers, 2-D attention mask and positions."""
+    def load(self, prefill: Sequence, mask: torch.Tensor, positions: torch.Tensor, repeat: int = 1) -> None:
+        """Take a prefilled batch: its cache layers (each prompt's rows `repeat` times over, next to each other),
+        2-D attention mask and positions (of every row)."""
         n, length = mask.shape
         for layer, filled in zip(self.layers, prefill):
-            layer.keys[:n, :, :length] = filled.keys
-            layer.values[:n, :, :length] = filled.values
+            for mine, theirs in ((layer.keys, filled.keys), (layer.values, filled.values)):
+                mine[:n, :, :length].unflatten(0, (-1, repeat)).copy_(theirs[:, None])
             layer.cumulative_length.fill_(length)
         self.mask[:n, :length] = mask.bool()
         self.mask[:n, length:] = False
@@ -202,11 +230,11 @@ class StaticStep:
         self.positions[:n] = positions[:, -1] + 1
 
     def take(self, other: StaticStep, rows: torch.Tensor) -> None:
-        """Take these rows of a larger step, mid-answer."""
+        """Take these rows (ascending) of a larger step, mid-answer, also when its caches hold this step's."""
         n = rows.numel()
         for mine, theirs in zip(self.layers, other.layers):
-            torch.index_select(theirs.keys, 0, rows, out=mine.keys[:n])
-            torch.index_select(theirs.values, 0, rows, out=mine.values[:n])
+            _gather_rows(theirs.keys, rows, mine.keys)
+            _gather_rows(theirs.values, rows, mine.values)
             mine.cumulative_length.copy_(theirs.cumulative_length)
         torch.index_select(other.mask, 0, rows, out=self.mask[:n])
         self._reset_rows(n)
@@ -229,7 +257,7 @@ class StepGraphs:
     LENGTH_STEP = 128  # cache lengths are rounded up to a multiple, so that batches of similar length share steps
 
     def __init__(self, model):
-        self.model, self.length, self.steps = model, 0, {}
+        self.model, self.length, self.steps, self.pool = model, 0, {}, None
         self.unfit_reported, self.capture = False, True
 
     def fits(self, cache) -> bool:
@@ -253,38 +281,44 @@ class StepGraphs:
             self.unfit_reported = True
 
     def step(self, rows: int, length: int, like: Sequence) -> StaticStep:
-        """The step for this many rows (rounded up to a power of two) and at least this cache length."""
+        """The step for this many rows (rounded up to a power of two) and at least this cache length. Steps of one
+        length share the largest one's caches (the smaller ones are views of its first rows) and a graph pool, so a
+        batch holds its keys and values once; a batch larger than every kept step starts them anew."""
         length = -(-length // self.LENGTH_STEP) * self.LENGTH_STEP
-        if length != self.length:
+        rows = _power_of_two(rows)
+        if length != self.length or rows > max(self.steps, default=rows):
             self.clear()
             self.length = length
-        rows = _power_of_two(rows)
         if rows not in self.steps:
+            base = self.steps[max(self.steps)] if self.steps else None
+            if self.pool is None and self.capture and like[0].keys.device.type == "cuda":
+                self.pool = torch.cuda.graph_pool_handle()
             try:
-                self.steps[rows] = StaticStep(self.model, rows, length, like, self.capture)
+                self.steps[rows] = StaticStep(self.model, rows, length, like, self.capture, base, self.pool)
             except Exception as error:  # noqa: BLE001 - a model whose step cannot be a graph decodes eagerly
                 if not self.capture or is_out_of_memory(error):
                     raise
                 log.warning("this model's decoding step cannot be captured as a CUDA graph (%s: %s); its steps run "
                             "eagerly", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
                 self.capture = False
-                self.steps[rows] = StaticStep(self.model, rows, length, like, capture=False)
+                self.steps[rows] = StaticStep(self.model, rows, length, like, False, base)
         return self.steps[rows]
 
     def clear(self) -> None:
-        """Free every step (its caches and graph)."""
+        """Free every step (its caches, graph and pool)."""
         self.steps.clear()
-        self.length = 0
+        self.length, self.pool = 0, None
 
 
 class _GraphedSteps:
     """Decoding steps of one batch through StepGraphs: in the smallest step that holds its rows; once its rows fit a
     step half the size, they move there (a row that ended before decodes on, unread, until then)."""
 
-    def __init__(self, graphs: StepGraphs, cache, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int):
+    def __init__(self, graphs: StepGraphs, cache, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int,
+                 repeat: int = 1):
         self.graphs, self.length = graphs, mask.shape[1] + max_new_tokens
         self.step = graphs.step(mask.shape[0], self.length, cache.layers)
-        self.step.load(cache.layers, mask, positions)
+        self.step.load(cache.layers, mask, positions, repeat)
         self.rows = torch.arange(mask.shape[0], device=mask.device)  # the step's row of each row still in the batch
 
     def drop(self, keep: torch.Tensor) -> None:
@@ -369,9 +403,11 @@ def generate(
     eos, stops = stop_token_ids(tokenizer, model), stop_strings(tokenizer)
     batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
     graphs = StepGraphs(model) if decoder == "graph" else None
+    limit = batch_size  # prompts per part: once a batch did not fit, later ones start at the size that did
     for batch in tqdm(batches, desc="generating SQL", unit="batch"):
         indices = [todo[i] for i in batch]
         start = time.perf_counter()
+        fitted: list[int] = []  # sizes of this batch's parts that ran
 
         def run(part: list[int]) -> list:
             texts = [prompts[i] for i in part]
@@ -384,16 +420,24 @@ def generate(
                                         graphs)
 
             try:
-                return attempt()
+                answers = attempt()
             except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried, the rest re-raised
                 if graphs is None or not graphs.steps or not is_out_of_memory(error):
                     raise
-            graphs.clear()  # the steps kept for later batches hold memory this batch may need
-            release_memory()
-            log.info("out of GPU memory beside the static steps kept for later batches; freed, decoding again")
-            return attempt()  # out of memory again: split_on_oom splits the batch
+                answers = None
+            if answers is None:
+                graphs.clear()  # the steps kept for later batches hold memory this batch may need
+                release_memory()
+                log.info("out of GPU memory beside the static steps kept for later batches; freed, decoding again")
+                answers = attempt()  # out of memory again: split_on_oom splits the batch
+            fitted.append(len(part))
+            return answers
 
-        answers = split_on_oom(run, indices, "answers")
+        answers = [a for i in range(0, len(indices), limit)
+                   for a in split_on_oom(run, indices[i : i + limit], "answers")]
+        if max(fitted) < min(limit, len(indices)):  # split: the size that fitted is remembered
+            limit = max(fitted)
+            log.info("generating in parts of %d prompts from now on (the size that fitted)", limit)
         for i, answer in zip(indices, answers):
             outputs[i] = answer
         if done:
@@ -455,12 +499,10 @@ class RowSampler(LogitsProcessor):
         return torch.full_like(scores, -float("inf")).scatter_(1, chosen[:, None], 0.0)
 
 
-def _prefill(model, tokenizer, prompts: list[str], sampling: Sampling | None):
-    """The prefill of one left-padded batch (n rows per prompt when sampling): (its output, mask, positions)."""
+def _prefill(model, tokenizer, prompts: list[str]):
+    """The prefill of one left-padded batch, one row per prompt: (its output, mask, positions)."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    if sampling:  # n rows per prompt, next to each other (as num_return_sequences orders them)
-        ids, mask = ids.repeat_interleave(sampling.n, 0), mask.repeat_interleave(sampling.n, 0)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     last_only = keep_last_logits(model, 1)  # the prefill's logits at the last position only, as generate does
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
@@ -494,15 +536,20 @@ def _generate_pruned(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                      graphs: StepGraphs | None = None) -> list:
     """Answers of one left-padded batch, decoded a token at a time; an ended answer leaves the batch. With
     `graphs`, steps run over static caches (CUDA graphs on a GPU) where the model's cache allows it."""
-    out, mask, positions = _prefill(model, tokenizer, prompts, sampling)
+    out, mask, positions = _prefill(model, tokenizer, prompts)
     cache, first = out.past_key_values, out.logits[:, -1]  # the model's own cache class
     del out
+    repeat = sampling.n if sampling else 1  # each prompt is prefilled once; its n candidates decode from its cache
+    if repeat > 1:
+        first, mask, positions = (t.repeat_interleave(repeat, 0) for t in (first, mask, positions))
     if graphs is not None and graphs.fits(cache):
-        steps = _GraphedSteps(graphs, cache, mask, positions, max_new_tokens)
+        steps = _GraphedSteps(graphs, cache, mask, positions, max_new_tokens, repeat)
         del cache  # its static copy holds the keys and values now
     else:
         if graphs is not None:
             graphs.report_unfit(cache)
+        if repeat > 1:
+            cache.batch_repeat_interleave(repeat)
         if roomy_cache:
             make_room(cache, max_new_tokens)
         steps = _EagerSteps(model, cache, mask, positions)

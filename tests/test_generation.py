@@ -92,6 +92,36 @@ def test_an_out_of_memory_batch_is_split_in_halves(monkeypatch):
     assert sizes[:3] == [4, 2, 1] and max(sizes[3:]) <= 2
 
 
+def test_after_a_split_later_batches_start_at_the_size_that_fitted(monkeypatch):
+    import scripts.generation as generation
+
+    model, tokenizer = ending_model()
+    texts = prompts(tokenizer) * 2  # batches of 4, 4 and 2
+    expected = generate(model, tokenizer, texts, batch_size=4, max_new_tokens=8)
+    real, sizes = generation._generate_pruned, []
+
+    def small_gpu(model, tokenizer, batch, *args, **kwargs):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, tokenizer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_generate_pruned", small_gpu)
+    assert generate(model, tokenizer, texts, batch_size=4, max_new_tokens=8) == expected
+    assert sizes == [4, 2, 2, 2, 2, 2]  # one batch ran out of memory; the others were never tried at 4
+
+
+def test_the_static_steps_of_one_length_share_the_largest_ones_caches():
+    model, tokenizer = ending_model()
+    layers = model(**tokenizer(["a b c"], return_tensors="pt"), use_cache=True).past_key_values.layers
+    graphs = StepGraphs(model)
+    large, small = graphs.step(8, 100, layers), graphs.step(2, 100, layers)
+    assert small.layers[0].keys.data_ptr() == large.layers[0].keys.data_ptr()
+    assert small.layers[0].keys.shape[0] == 2 and large.layers[0].keys.shape[0] == 8
+    larger = graphs.step(16, 100, layers)  # a batch larger than every kept step starts them anew
+    assert graphs.steps == {16: larger}
+
+
 def test_out_of_memory_beside_kept_static_steps_frees_them_before_splitting(monkeypatch):
     import scripts.generation as generation
 
