@@ -170,13 +170,15 @@ def database_path(db_dir: str | Path, db_id: str) -> Path | None:
 
 
 def database_files(db_dir: str | Path, db_id: str) -> list[Path] | None:
-    """The files a query of db_id must agree on: every `*.sqlite` of `<db_id>/`, or the one `<db_id>.sqlite`; None if missing."""
+    """The files a query of db_id must agree on: every `*.sqlite` of `<db_id>/`, or the one `<db_id>.sqlite`; None if missing.
+
+    Only names that end in `.sqlite` count: `x.sqlite.bak`, `x.sqlite-wal` and `x.sqlite-shm` are not copies."""
     path = database_path(db_dir, db_id)
     if path is None:
         return None
     if path.parent == Path(db_dir):  # the flat layout: one file per database
         return [path]
-    return sorted(p for p in path.parent.iterdir() if ".sqlite" in p.name and p.is_file())
+    return sorted(p for p in path.parent.iterdir() if p.name.endswith(".sqlite") and p.is_file())
 
 
 def gold_hardness(gold: str) -> str:

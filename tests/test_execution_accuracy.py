@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import sqlparse
 
-from custom_metrics.execution_accuracy import UserError, database_path, execution_accuracy, read_gold, remove_distinct, result_eq
+from custom_metrics.execution_accuracy import (UserError, check_golds, database_files, database_path,
+                                               execution_accuracy, read_gold, remove_distinct, result_eq)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DB_ID = "shop"
@@ -245,6 +246,20 @@ def test_every_sqlite_file_of_the_folder_must_agree(db_dir):
     # same answer as the gold on shop.sqlite ('a'), a different one on the variant ('b')
     assert score(db_dir, "SELECT name FROM items WHERE price = 1.0", gold)["correct"] is False
     assert score(db_dir, "SELECT name FROM items WHERE qty = 1 AND id < 2", gold)["correct"] is True
+
+
+def test_only_files_ending_in_sqlite_are_copies_of_the_database(db_dir):
+    folder = db_dir / DB_ID
+    conn = sqlite3.connect(folder / "shop.sqlite.bak")  # an older copy with other rows: not a copy to agree with
+    conn.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT, price REAL)")
+    conn.commit()
+    conn.close()
+    for name in ("shop.sqlite-shm", "shop.sqlite-wal", "shop.sqlite.orig", "notes.sqlite.txt"):
+        (folder / name).write_bytes(b"\x00" * 100)
+    assert database_files(db_dir, DB_ID) == [folder / "shop.sqlite"]
+    gold = "SELECT name FROM items ORDER BY id"
+    assert check_golds([gold], [DB_ID], db_dir)[0]["error"] == "ok"
+    assert score(db_dir, gold, gold)["correct"] is True
 
 
 # ---------------------------------------------------------------- hostile predictions
