@@ -40,12 +40,24 @@ def databases_layout(database_dir: Path) -> SpiderLayout:
 
 
 def is_sqlite_file(path: Path) -> bool:
-    """True when path is a file that starts with the SQLite header (not a git-LFS pointer, not empty)."""
+    """True when path is a readable file that starts with the SQLite header (not a git-LFS pointer, not empty)."""
+    return sqlite_file_problem(path) is None
+
+
+def sqlite_file_problem(path: Path) -> str | None:
+    """What keeps path from being read as an SQLite file, with the fix (for a message naming it), or None."""
     try:
-        with path.open("rb") as f:
-            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
-    except OSError:
-        return False
+        with Path(path).open("rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except FileNotFoundError:
+        return "is not found; restore the file or remove the examples of that db_id"
+    except OSError as e:  # permission, a folder, an I/O error: the file is there but cannot be read
+        return (f"cannot be read ({e.strerror or e}); give this user read permission on it (chmod a+r), or remove "
+                "the examples of that db_id")
+    if header != SQLITE_HEADER:
+        return ("is not an SQLite database (no SQLite header: empty, another format or a git-LFS pointer); replace "
+                "it with the SQLite file, or remove the examples of that db_id")
+    return None
 
 
 # --- schema text ---------------------------------------------------------------------------------------
@@ -53,9 +65,9 @@ def is_sqlite_file(path: Path) -> bool:
 def schema_text(db_path: Path, sample_rows: int = 0) -> str:
     """The database's CREATE TABLE statements, each followed by up to sample_rows INSERT lines (cached)."""
     path = Path(db_path).resolve()
-    if not is_sqlite_file(path):
-        raise UserError(f"{path} is not an SQLite database (missing, empty or a git-LFS pointer); "
-                        f"restore the file or remove its examples")
+    problem = sqlite_file_problem(path)
+    if problem:
+        raise UserError(f"{path} {problem}")
     return _schema_text_cached(str(path), path.stat().st_mtime_ns, int(sample_rows))
 
 

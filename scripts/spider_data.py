@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from custom_metrics.execution_accuracy import DB_MISSING, OK, check_golds, database_files, database_path
+from custom_metrics.execution_accuracy import DB_MISSING, OK, check_golds, database_files
 from scripts import distributed
-from scripts.databases import SpiderLayout, databases_layout, is_sqlite_file
+from scripts.databases import SpiderLayout, databases_layout, sqlite_file_problem
 from scripts.errors import UserError
 from scripts.example_files import REQUIRED_FIELDS, read_examples_and_places
 from scripts.spider_release import FIX_HINT, load_split, prepare_spider
@@ -225,14 +225,13 @@ def _spider_if_used(settings) -> SpiderLayout | None:
 
 
 def _check_database_files(examples: list[dict], databases: SpiderLayout, source: Path) -> None:
-    """A database file that exists but is not SQLite stops the run, naming it (a missing one only leaves examples out)."""
+    """A database file that exists but cannot be read or is not SQLite stops the run, naming it (a missing one only
+    leaves examples out); every copy of a folder-layout database is checked."""
     for db_id in sorted({e["db_id"] for e in examples}):
-        path = database_path(databases.database_dir, db_id)
-        if path is not None and not is_sqlite_file(path):
-            raise UserError(f"{path} (database {db_id!r} of {source}) is not an SQLite database (no SQLite header: "
-                            "empty, another format or a git-LFS pointer); replace it with the SQLite file, or "
-                            "remove the examples of that db_id")
-        if path is not None:
+        for path in database_files(databases.database_dir, db_id) or []:
+            problem = sqlite_file_problem(path)
+            if problem:
+                raise UserError(f"{path} (database {db_id!r} of {source}) {problem}")
             _check_readable(path, db_id, source)
 
 

@@ -20,7 +20,7 @@ import pytest
 import main
 import scripts.answers
 import scripts.evaluate
-from scripts.databases import databases_layout
+from scripts.databases import databases_layout, schema_text
 from scripts.errors import UserError
 from scripts.settings import ENV_KEYS
 from scripts.spider_data import (
@@ -202,6 +202,24 @@ def test_bad_databases_are_messages_naming_the_file(data, tmp_path):
     with pytest.raises(UserError, match=r"broken\.sqlite \(database 'broken' of .*\) cannot be read as SQLite"):
         load_user_set(write_jsonl(tmp_path / "b.jsonl", [dict(EVAL[0], db_id="broken")]), EVAL_SETTING,
                       databases_layout(data.dbs), 5.0)
+
+
+def test_an_unreadable_database_is_a_message_saying_it_cannot_be_read(data, monkeypatch):
+    target = data.dbs / "shop" / "shop.sqlite"
+    real_open = Path.open
+
+    def no_permission(self, *args, **kwargs):  # what chmod 000 does for anyone but root
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", no_permission)
+    with pytest.raises(UserError) as error:
+        load_user_set(data.eval, EVAL_SETTING, databases_layout(data.dbs), 5.0)
+    assert str(error.value).startswith(f"{target} (database 'shop' of {data.eval}) cannot be read (Permission denied); "
+                                       "give this user read permission on it")
+    with pytest.raises(UserError, match=r"shop\.sqlite cannot be read \(Permission denied\)"):
+        schema_text(target)
 
 
 def run_settings(tmp_path, **overrides) -> SimpleNamespace:

@@ -220,7 +220,7 @@ def test_schema_text_reads_only_and_never_creates(tmp_path):
     before = db.read_bytes()
     schema_text(db, 2)
     assert db.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["c.sqlite"]
-    with pytest.raises(UserError, match="not an SQLite database"):
+    with pytest.raises(UserError, match=r"absent\.sqlite is not found"):
         schema_text(tmp_path / "absent.sqlite")
     assert not (tmp_path / "absent.sqlite").exists()
 
