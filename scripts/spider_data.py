@@ -4,8 +4,9 @@
 train) and the evaluation sets (the user's PATH_TASK_EVAL_DATASET files, else Spider dev), each a `DataSet`
 with the databases it runs on (PATH_DATABASES, else Spider's database folder). Spider is unpacked only when
 something comes from it (scripts/spider_release.py). A user's file is a JSON list or JSON lines of {question,
-query, db_id} (scripts/example_files.py); its examples without a database and those whose gold query fails on
-its database are reported and left out, and a database file that is not SQLite stops the run. Missing Spider
+query, db_id} (scripts/example_files.py); its examples without a database, on a database without tables (one
+warning per database) and those whose gold query fails on its database are reported and left out, and a database
+file that cannot be read or is not SQLite stops the run. Missing Spider
 databases are not fatal: `missing_databases` counts the examples per db_id that cannot be executed.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from custom_metrics.execution_accuracy import DB_MISSING, OK, check_golds, database_files
+from custom_metrics.execution_accuracy import DB_MISSING, OK, check_golds, database_files, database_path
 from scripts import distributed
 from scripts.databases import SpiderLayout, databases_layout, sqlite_file_problem
 from scripts.errors import UserError
@@ -101,17 +102,20 @@ def spider_set(layout: SpiderLayout, split: str, databases: SpiderLayout | None 
 
 
 def load_user_set(path: Path, setting: str, databases: SpiderLayout, timeout: float, unique: bool = False) -> DataSet:
-    """A user's train or evaluation file, checked: examples without a database or with a failing gold left out.
+    """A user's train or evaluation file, checked: examples without a database, on a database without tables or
+    with a failing gold left out.
 
     `unique` (evaluation sets) also leaves out a repeated (db_id, question): the store keys an answer by them.
     """
     path = Path(path)
     examples, places = read_user_examples(path, setting)
-    _check_database_files(examples, databases, path)
-    outcomes = check_golds([e["query"] for e in examples], [e["db_id"] for e in examples], databases.database_dir,
+    tableless = _check_database_files(examples, databases, path)
+    no_tables = Counter(e["db_id"] for e in examples if e["db_id"] in tableless)
+    usable = [(place, e) for place, e in zip(places, examples) if e["db_id"] not in tableless]
+    outcomes = check_golds([e["query"] for _, e in usable], [e["db_id"] for _, e in usable], databases.database_dir,
                            timeout=timeout)
     kept, no_db, failing, repeated, seen = [], Counter(), [], [], {}
-    for place, example, outcome in zip(places, examples, outcomes):
+    for (place, example), outcome in zip(usable, outcomes):
         key = (example["db_id"], example["question"])
         if outcome["error"] == DB_MISSING:
             no_db[example["db_id"]] += 1
@@ -123,11 +127,12 @@ def load_user_set(path: Path, setting: str, databases: SpiderLayout, timeout: fl
             seen[key] = place
             kept.append(example)
     if distributed.is_main():
+        _report_tableless(path, len(examples), tableless, no_tables)
         _report_left_out(path, databases.database_dir, len(examples), no_db, failing, repeated)
     if not kept:
         raise UserError(f"{setting}: no example of {path} can be used ({sum(no_db.values())} without a database in "
-                        f"{databases.database_dir}, {len(failing)} with a failing gold query); fix the file or "
-                        f"{DATABASES_SETTING} ({USER_FIX})")
+                        f"{databases.database_dir}, {sum(no_tables.values())} on a database without tables, "
+                        f"{len(failing)} with a failing gold query); fix the file or {DATABASES_SETTING} ({USER_FIX})")
     if distributed.is_main():
         log.info("%s: %d examples over %d databases in %s", path, len(kept), len({e["db_id"] for e in kept}),
                  databases.database_dir)
@@ -224,25 +229,39 @@ def _spider_if_used(settings) -> SpiderLayout | None:
         return prepare_spider(settings.spider_zip, settings.data_dir)
 
 
-def _check_database_files(examples: list[dict], databases: SpiderLayout, source: Path) -> None:
+def _check_database_files(examples: list[dict], databases: SpiderLayout, source: Path) -> dict[str, Path]:
     """A database file that exists but cannot be read or is not SQLite stops the run, naming it (a missing one only
-    leaves examples out); every copy of a folder-layout database is checked."""
+    leaves examples out); every copy of a folder-layout database is checked. Returns the databases without tables
+    (db_id: the file the schema is read from)."""
+    tableless = {}
     for db_id in sorted({e["db_id"] for e in examples}):
+        schema_file = database_path(databases.database_dir, db_id)
         for path in database_files(databases.database_dir, db_id) or []:
             problem = sqlite_file_problem(path)
             if problem:
                 raise UserError(f"{path} (database {db_id!r} of {source}) {problem}")
-            _check_readable(path, db_id, source)
+            if _table_count(path, db_id, source) == 0 and path == schema_file:
+                tableless[db_id] = path
+    return tableless
 
 
-def _check_readable(path: Path, db_id: str, source: Path) -> None:
-    """The database's schema can be read (read-only); a damaged file is an error naming it."""
+def _table_count(path: Path, db_id: str, source: Path) -> int:
+    """How many tables the database has, read read-only; a damaged file is an error naming it."""
     from custom_metrics.safe_sqlite import run_query
 
-    result = run_query(path, "SELECT count(*) FROM sqlite_master", 30.0)
+    result = run_query(path, "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+                       30.0)
     if not result.ok:
         raise UserError(f"{path} (database {db_id!r} of {source}) cannot be read as SQLite ({result.message}); "
                         "replace it with an intact copy")
+    return result.rows[0][0]
+
+
+def _report_tableless(path: Path, total: int, tableless: dict[str, Path], counts: Counter) -> None:
+    """One warning per database without tables, naming it and how many examples of the file it leaves out."""
+    for db_id, db_file in sorted(tableless.items()):
+        log.warning("%s: %d of %d examples left out, their database %r (%s) has no tables, so there is no schema to "
+                    "answer from; add its tables, or remove those examples", path, counts[db_id], total, db_id, db_file)
 
 
 def _report_left_out(path: Path, database_dir: Path, total: int, no_db: Counter, failing: list[str],

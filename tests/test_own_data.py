@@ -204,6 +204,26 @@ def test_bad_databases_are_messages_naming_the_file(data, tmp_path):
                       databases_layout(data.dbs), 5.0)
 
 
+def test_a_database_without_tables_is_one_warning_naming_it_and_its_examples(data, tmp_path, caplog):
+    empty = data.dbs / "empty.sqlite"
+    conn = sqlite3.connect(empty)
+    conn.execute("CREATE TABLE gone (x)")  # a valid SQLite file whose only table was dropped
+    conn.execute("DROP TABLE gone")
+    conn.commit()
+    conn.close()
+    blank = [{"question": f"Question {i}?", "query": "SELECT 1" if i % 2 else "SELECT count(*) FROM t",
+              "db_id": "empty"} for i in range(4)]
+    path = write_jsonl(tmp_path / "e.jsonl", blank + EVAL[:2])
+    with caplog.at_level(logging.WARNING):
+        loaded = load_user_set(path, EVAL_SETTING, databases_layout(data.dbs), 5.0)
+    assert loaded.examples == EVAL[:2]  # even a gold that runs ("SELECT 1") has no schema to be asked about
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{path}: 4 of 6 examples left out, their database 'empty' ({empty}) has no tables, so there "
+                        "is no schema to answer from; add its tables, or remove those examples"]
+    with pytest.raises(UserError, match="no example of .* can be used .*, 2 on a database without tables"):
+        load_user_set(write_jsonl(tmp_path / "only.jsonl", blank[:2]), EVAL_SETTING, databases_layout(data.dbs), 5.0)
+
+
 def test_an_unreadable_database_is_a_message_saying_it_cannot_be_read(data, monkeypatch):
     target = data.dbs / "shop" / "shop.sqlite"
     real_open = Path.open
