@@ -2,6 +2,9 @@
 
 Defences, each enforced by SQLite itself rather than by looking at the SQL text:
 - the file is opened through a URI with ``mode=ro&immutable=1``: a missing path is never created;
+- immutable ignores a ``-wal`` file, so a WAL database whose ``-wal`` holds committed changes is read from a
+  private copy of both, checkpointed in this process's temporary folder (made once per version, removed at
+  exit): the user's files are only ever read;
 - an authorizer allows only reading actions (SELECT, READ, RECURSIVE and functions other than
   ``load_extension``); writes, ATTACH, VACUUM, PRAGMA, transactions and temp objects are denied;
 - ``SQLITE_LIMIT_ATTACHED = 0`` and ``enable_load_extension(False)`` as a second line;
@@ -10,7 +13,10 @@ Defences, each enforced by SQLite itself rather than by looking at the SQL text:
 """
 from __future__ import annotations
 
+import atexit
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -77,11 +83,87 @@ def _decode_text(data: bytes) -> str:
     return data.decode(errors="ignore")
 
 
+def wal_file(path: str | Path) -> Path:
+    """The write-ahead log SQLite keeps beside a database in WAL mode: `<name>-wal`."""
+    path = Path(path)
+    return path.with_name(path.name + "-wal")
+
+
+def pending_wal(path: str | Path) -> Path | None:
+    """The database's -wal file when it holds anything (committed changes its main file may lack), else None."""
+    wal = wal_file(path)
+    try:
+        return wal if wal.stat().st_size > 0 else None
+    except FileNotFoundError:
+        return None
+
+
+def database_version(path: str | Path) -> tuple[int, int, int, int]:
+    """Size and mtime of a database file and of its -wal (0, 0 without one): what its committed state depends on."""
+    main, wal = Path(path).stat(), pending_wal(path)
+    wal_stat = (wal.stat().st_size, wal.stat().st_mtime_ns) if wal else (0, 0)
+    return (main.st_size, main.st_mtime_ns, *wal_stat)
+
+
+_copies: dict[tuple, Path] = {}  # (file, version) -> its checkpointed private copy
+_copies_lock = threading.Lock()
+_COPY_ATTEMPTS = 3  # copies made while a writer changed the files are made again
+
+
+def committed_file(path: str | Path) -> Path:
+    """The file holding the database's committed state: itself, or (its -wal not empty) a private checkpointed copy."""
+    path = Path(path).resolve()
+    if pending_wal(path) is None:
+        return path
+    with _copies_lock:
+        for _ in range(_COPY_ATTEMPTS):
+            key = (str(path), database_version(path))
+            if key not in _copies:
+                copy = _checkpointed_copy(path)
+                if (str(path), database_version(path)) != key:  # written to while copied: the copy may be torn
+                    shutil.rmtree(copy.parent, ignore_errors=True)
+                    continue
+                _copies[key] = copy
+            return _copies[key]
+        raise sqlite3.OperationalError(f"{path} kept changing while it was copied to be read; stop its writer")
+
+
+def _checkpointed_copy(path: Path) -> Path:
+    """A copy of the database and its -wal in this process's private folder, checkpointed there into one file."""
+    folder = Path(tempfile.mkdtemp(dir=_private_folder()))
+    copy = folder / path.name
+    shutil.copyfile(path, copy)
+    shutil.copyfile(wal_file(path), wal_file(copy))
+    conn = sqlite3.connect(copy, isolation_level=None)  # read-write, but only on this private copy, only this PRAGMA
+    try:
+        mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]  # checkpoints the log, removes it
+    finally:
+        conn.close()
+    if mode != "delete":
+        raise sqlite3.OperationalError(f"the write-ahead log of {path} could not be applied to a private copy")
+    return copy
+
+
+_private_dir: Path | None = None
+
+
+def _private_folder() -> Path:
+    """This process's temporary folder for checkpointed copies (created once, removed at exit)."""
+    global _private_dir
+    if _private_dir is None:
+        _private_dir = Path(tempfile.mkdtemp(prefix="text2sql-wal-copies-"))
+        atexit.register(shutil.rmtree, _private_dir, ignore_errors=True)
+    return _private_dir
+
+
 def open_read_only(db_path: str | Path) -> tuple[sqlite3.Connection, _Guard]:
-    """Open an existing SQLite file read-only with every guard installed; never creates a file."""
+    """Open an existing SQLite file read-only with every guard installed; never creates a file.
+
+    A database whose -wal holds committed changes is read from its checkpointed private copy (committed_file)."""
     path = Path(db_path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"SQLite database not found: {path}")
+    path = committed_file(path)
     conn = sqlite3.connect(
         f"{path.as_uri()}?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False
     )
@@ -182,7 +264,7 @@ def run_query(
     """Run one statement read-only within `timeout` seconds; rows or an error class, never an exception."""
     try:
         conn, guard = (cache or _default_cache()).get(db_path)
-    except (FileNotFoundError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error) as exc:  # missing, unreadable, or its -wal could not be applied
         return QueryResult(None, EXEC_ERROR, f"cannot open database: {exc}")
     guard.denied.clear()
     guard.deadline = time.monotonic() + timeout
@@ -218,7 +300,7 @@ def compile_check(sql: str, db_path: str | Path | None = None) -> QueryResult:
     else:
         try:
             conn, guard = _default_cache().get(db_path)
-        except (FileNotFoundError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error) as exc:
             return QueryResult(None, EXEC_ERROR, f"cannot open database: {exc}")
         guard.denied.clear()
         guard.deadline = time.monotonic() + 5.0  # compiling runs nothing; this only bounds a pathological statement

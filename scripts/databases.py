@@ -1,7 +1,8 @@
 """The databases of a data source: where each db_id's file is (SpiderLayout), the SQLite check, the schema text.
 
 A database is <db_id>/<db_id>.sqlite (or <db_id>.sqlite) under a folder; it counts when its file starts with the
-SQLite header. Databases are only ever opened read-only (custom_metrics/safe_sqlite.py).
+SQLite header. Databases are only ever opened read-only (custom_metrics/safe_sqlite.py), a WAL database at its
+committed state (its -wal included).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from custom_metrics.execution_accuracy import database_path
+from custom_metrics.safe_sqlite import database_version, open_read_only
 from scripts.errors import UserError
 
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -68,15 +70,17 @@ def schema_text(db_path: Path, sample_rows: int = 0) -> str:
     problem = sqlite_file_problem(path)
     if problem:
         raise UserError(f"{path} {problem}")
-    return _schema_text_cached(str(path), path.stat().st_mtime_ns, int(sample_rows))
+    return _schema_text_cached(str(path), database_version(path), int(sample_rows))
 
 
 @lru_cache(maxsize=1024)
-def _schema_text_cached(path: str, mtime_ns: int, sample_rows: int) -> str:
+def _schema_text_cached(path: str, version: tuple, sample_rows: int) -> str:
     """schema_text for one version of one database file, read through safe_sqlite's read-only connection."""
-    from custom_metrics.safe_sqlite import open_read_only
-
-    con, guard = open_read_only(path)  # immutable, read-only: the file is never changed, no journal is created
+    try:
+        con, guard = open_read_only(path)  # immutable, read-only: the file is never changed, no journal is created
+    except (OSError, sqlite3.Error) as e:  # e.g. its -wal cannot be read to make the private copy
+        raise UserError(f"{path} cannot be opened ({e}); make it and its -wal file readable, or remove its "
+                        "examples") from None
     con.text_factory = lambda b: b.decode("utf-8", errors="replace")  # some Spider dbs hold non-UTF-8 text
     guard.deadline = time.monotonic() + SCHEMA_TIMEOUT_S
     try:

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from custom_metrics.execution_accuracy import DB_MISSING, OK, check_golds, database_files, database_path
+from custom_metrics.safe_sqlite import pending_wal
 from scripts import distributed
 from scripts.databases import SpiderLayout, databases_layout, sqlite_file_problem
 from scripts.errors import UserError
@@ -177,11 +178,17 @@ def set_fingerprint(examples: Sequence[dict], layout: SpiderLayout) -> str:
 
 
 def databases_fingerprint(database_dir: Path, db_id: str) -> list[str] | None:
-    """sha256 of each file a query of db_id runs on (None when it has no database)."""
+    """sha256 of each file a query of db_id runs on, and of its -wal when that holds changes (None: no database)."""
     files = database_files(database_dir, db_id)
     if files is None:
         return None
-    return [_file_sha256(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return [_database_sha256(p.resolve()) for p in files]
+
+
+def _database_sha256(path: Path) -> str:
+    """sha256 of a database file, followed by that of its -wal when it is not empty (it holds committed changes)."""
+    digests = [_file_sha256(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in (path, pending_wal(path)) if p]
+    return ":".join(digests)
 
 
 @lru_cache(maxsize=1024)

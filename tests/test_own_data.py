@@ -20,6 +20,7 @@ import pytest
 import main
 import scripts.answers
 import scripts.evaluate
+from custom_metrics.execution_accuracy import execution_accuracy
 from scripts.databases import databases_layout, schema_text
 from scripts.errors import UserError
 from scripts.settings import ENV_KEYS
@@ -240,6 +241,29 @@ def test_an_unreadable_database_is_a_message_saying_it_cannot_be_read(data, monk
                                        "give this user read permission on it")
     with pytest.raises(UserError, match=r"shop\.sqlite cannot be read \(Permission denied\)"):
         schema_text(target)
+
+
+def test_changes_still_in_the_wal_are_read_scored_and_fingerprinted(data, tmp_path):
+    pets = data.dbs / "pets.sqlite"  # in WAL mode (make_databases)
+    writer = sqlite3.connect(pets, isolation_level=None)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")  # the committed changes stay in pets.sqlite-wal
+    writer.execute("INSERT INTO pets VALUES (5, 2, 'fish', 1)")
+    writer.execute("CREATE TABLE vets (id INTEGER PRIMARY KEY, name TEXT)")
+    fish = {"question": "How many fish?", "query": "SELECT count(*) FROM pets WHERE species = 'fish'", "db_id": "pets"}
+    try:
+        assert (data.dbs / "pets.sqlite-wal").stat().st_size > 0
+        before = snapshot(data.dbs)
+        assert "CREATE TABLE vets" in schema_text(pets)
+        summary = execution_accuracy(["SELECT 1"], [fish["query"]], ["pets"], data.dbs)  # 1 fish, not 0
+        assert summary["per_example"][0]["correct"] is True
+        fished = load_user_set(write_json(tmp_path / "fish.json", [fish]), EVAL_SETTING, databases_layout(data.dbs), 5.0)
+        assert snapshot(data.dbs) == before  # the .sqlite, -wal and -shm as they were, and nothing new beside them
+        first = set_fingerprint(fished.examples, fished.layout)
+        writer.execute("INSERT INTO pets VALUES (6, 2, 'fish', 2)")  # only the -wal changes
+        assert pets.read_bytes() == before["pets.sqlite"][0]
+        assert set_fingerprint(fished.examples, fished.layout) != first
+    finally:
+        writer.close()
 
 
 def run_settings(tmp_path, **overrides) -> SimpleNamespace:

@@ -1,11 +1,13 @@
 """Read-only, time-limited, capped execution: results, error classes, hostile statements change nothing."""
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from custom_metrics.safe_sqlite import ConnectionCache, compile_check, run_query
+from custom_metrics.safe_sqlite import ConnectionCache, committed_file, compile_check, run_query
 
 TIMEOUT = 1.0
 SLACK = 1.5
@@ -180,3 +182,56 @@ def test_compile_check_without_a_database_checks_the_grammar_only() -> None:
     assert compile_check("SELECT nope FROM nowhere").error == "ok"
     assert compile_check("SELECT x FROM t WHERE )").error == "syntax_error"
     assert compile_check("SELECT ? AS x").error == "exec_error"  # a parameter nobody supplies
+
+
+# ---------------------------------------------------------------- WAL databases
+
+def wal_database(folder: Path) -> tuple[Path, sqlite3.Connection]:
+    """make_db in WAL mode with a row and a table committed only to its -wal (the writer stays open, no checkpoint)."""
+    path = make_db(folder / "wal.sqlite")
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("INSERT INTO names VALUES (4, 'dan')")
+    writer.execute("CREATE TABLE late(y)")
+    assert (folder / "wal.sqlite-wal").stat().st_size > 0 and (folder / "wal.sqlite-shm").is_file()
+    return path, writer
+
+
+def test_a_wal_database_is_read_at_its_committed_state_and_its_files_stay_as_they_were(tmp_path):
+    folder = tmp_path / "db"
+    folder.mkdir()
+    path, writer = wal_database(folder)
+    try:
+        before = snapshot(folder)
+        cache = ConnectionCache()
+        assert run_query(path, "SELECT name FROM names WHERE id = 4", cache=cache).rows == [("dan",)]
+        assert run_query(path, "SELECT count(*) FROM late", cache=cache).rows == [(0,)]
+        assert run_query(path, "DELETE FROM names", cache=cache).error == "not_read_only"
+        assert compile_check("SELECT y FROM late", path).ok
+        cache.close()
+        assert snapshot(folder) == before  # .sqlite, -wal and -shm byte for byte and mtime, and no new file
+
+        copy = committed_file(path)
+        assert not copy.is_relative_to(folder) and committed_file(path) == copy  # made once, reused
+        writer.execute("INSERT INTO names VALUES (5, 'eve')")  # a new version of the -wal: a new copy
+        assert committed_file(path) != copy
+        assert run_query(path, "SELECT count(*) FROM names", cache=ConnectionCache()).rows == [(5,)]
+    finally:
+        writer.close()
+    assert committed_file(path) == path.resolve()  # closing checkpointed and removed the -wal: read as it is
+
+
+def test_the_private_copies_are_removed_when_the_process_exits(tmp_path):
+    folder = tmp_path / "db"
+    folder.mkdir()
+    path, writer = wal_database(folder)
+    script = ("import sys; from custom_metrics.safe_sqlite import committed_file, run_query; "
+              "print(committed_file(sys.argv[1])); print(run_query(sys.argv[1], 'SELECT count(*) FROM names').rows)")
+    try:
+        out = subprocess.run([sys.executable, "-c", script, str(path)], cwd=Path(__file__).resolve().parent.parent,
+                             capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    finally:
+        writer.close()
+    assert out[1] == "[(4,)]" and Path(out[0]).name == "wal.sqlite"
+    assert not Path(out[0]).exists() and not Path(out[0]).parent.parent.exists()
