@@ -360,11 +360,13 @@ def test_cli_happy_path_with_per_example_file(cli_files, tmp_path):
     assert all(r["hardness"] in ("easy", "medium", "hard", "extra") for r in rows)
 
 
-def test_cli_reads_gold_and_prediction_files_with_a_byte_order_mark(cli_files):
+def test_cli_reads_files_with_a_byte_order_mark(cli_files, tmp_path):
     gold, pred, db_dir = cli_files
-    for path in (gold, pred):
+    tables = tmp_path / "tables.json"
+    tables.write_text(json.dumps([{"db_id": DB_ID}, {"db_id": "wta_1"}]))
+    for path in (gold, pred, tables):  # as Windows editors save "UTF-8 with BOM"
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
-    result = run_cli("--gold", str(gold), "--pred", str(pred), "--db", str(db_dir), "--json")
+    result = run_cli("--gold", str(gold), "--pred", str(pred), "--db", str(db_dir), "--table", str(tables), "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["errors"] == {"ok": 1, "wrong_result": 1, "empty": 1, "db_missing": 1}
 
