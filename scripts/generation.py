@@ -39,6 +39,7 @@ from scripts.prompts import end_of_turn, stop_strings
 log = logging.getLogger(__name__)
 
 DECODERS = ("prune", "graph", "hf")
+SAMPLE_TOP_K = 256  # sampled tokens are sought among this many likeliest first (see sample_tokens)
 MASKED_ATTENTIONS = ("sdpa", "eager")  # attentions that read a static step's 4-D mask as it is meant
 
 
@@ -624,11 +625,24 @@ def uniform(seeds: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """One token per row, drawn with temperature and top-p by the row's own uniform number at this step."""
+    """One token per row, drawn with temperature and top-p by the row's own uniform number at this step. The
+    nucleus is sought among the SAMPLE_TOP_K likeliest tokens (exact when they hold more than top_p); only rows
+    whose nucleus is wider sort the whole vocabulary."""
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > sampling.top_p  # keep the smallest set reaching top_p
-    cumulative = sorted_probs.masked_fill(outside, 0.0).double().cumsum(-1)
-    target = uniform(seeds, step).to(cumulative.device) * cumulative[:, -1]
+    u = uniform(seeds, step).to(probs.device)
+    top, order = probs.topk(min(SAMPLE_TOP_K, probs.shape[-1]), dim=-1)
+    chosen = _nucleus_pick(top, order, u, sampling.top_p)
+    wide = (top.sum(-1) <= sampling.top_p).nonzero().flatten()
+    if wide.numel():
+        everything, every_order = probs[wide].sort(dim=-1, descending=True)
+        chosen[wide] = _nucleus_pick(everything, every_order, u[wide], sampling.top_p)
+    return chosen
+
+
+def _nucleus_pick(sorted_probs: torch.Tensor, order: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The token of each row at its uniform number `u` along the smallest sorted prefix that reaches top_p."""
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+    cumulative = sorted_probs.masked_fill(outside, 0.0).cumsum(-1)
+    target = u.to(cumulative.dtype) * cumulative[:, -1]
     picked = torch.searchsorted(cumulative, target[:, None], right=True).clamp(max=cumulative.shape[-1] - 1)
     return order.gather(-1, picked).flatten()

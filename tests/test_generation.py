@@ -6,7 +6,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from scripts.generation import DECODERS, RoomyLayer, Sampling, StaticStep, StepGraphs, generate, make_room
+from scripts.generation import (DECODERS, RoomyLayer, Sampling, StaticStep, StepGraphs, generate, make_room,
+                                sample_tokens)
 from scripts.models import ensure_pad_token
 from scripts.prompts import render
 from tests.tiny_models import build_tiny_model, build_tokenizer
@@ -316,7 +317,8 @@ def test_on_a_gpu_the_graph_decoder_replays_captured_steps_and_answers_alike(ada
     reference = generate(model, tokenizer, texts, batch_size=1, max_new_tokens=16, decoder="prune")
     captured = []
     real_capture = StaticStep._capture
-    monkeypatch.setattr(StaticStep, "_capture", lambda self: (real_capture(self), captured.append(self.graph)))
+    monkeypatch.setattr(StaticStep, "_capture",
+                        lambda self, pool=None: (real_capture(self, pool), captured.append(self.graph)))
     assert generate(model, tokenizer, texts, batch_size=5, max_new_tokens=16, decoder="graph") == reference
     assert len(captured) >= 2 and all(graph is not None for graph in captured)
 
@@ -400,3 +402,19 @@ def test_the_padding_rows_of_a_static_step_restart_at_position_zero():
     positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     step.load(layers, enc["attention_mask"], positions)
     assert step.positions[3] == 0 and step.positions[:3].tolist() == (positions[:, -1] + 1).tolist()
+
+
+def test_sampling_among_the_likeliest_tokens_matches_sorting_the_whole_vocabulary(monkeypatch):
+    import scripts.generation as generation
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 500) * torch.linspace(0.5, 6, 64)[:, None]  # flat to peaked rows
+    seeds = torch.arange(64) * 7919
+    for top_p in (0.5, 0.95, 1.0):
+        sampling = Sampling(n=1, temperature=0.7, top_p=top_p)
+        fast = sample_tokens(logits, sampling, seeds, 3)
+        monkeypatch.setattr(generation, "SAMPLE_TOP_K", 500)  # every row sorts the whole vocabulary
+        assert torch.equal(sample_tokens(logits, sampling, seeds, 3), fast), top_p
+        monkeypatch.setattr(generation, "SAMPLE_TOP_K", 8)  # most rows fall back to the whole vocabulary
+        assert torch.equal(sample_tokens(logits, sampling, seeds, 3), fast), top_p
+        monkeypatch.setattr(generation, "SAMPLE_TOP_K", 256)
