@@ -186,12 +186,14 @@ class DoesNotFit(UserError):
 
 
 @contextmanager
-def _load_fits(model_id: str, quantization: str) -> Iterator[None]:
+def load_fits(model_id: str, quantization: str) -> Iterator[None]:
     """Turn an out-of-memory error while the weights load into a UserError naming the GPU and what to change."""
     from scripts import gpu_memory
 
     try:
         yield
+    except DoesNotFit:
+        raise  # already said (a loader inside another load_fits)
     except Exception as error:  # noqa: BLE001 - only out-of-memory errors are translated, the rest re-raised
         if not gpu_memory.is_out_of_memory(error):
             raise
@@ -229,7 +231,7 @@ def load_model_and_tokenizer(
     tokenizer = _load_tokenizer_from(source, str(model_id), token, use_fast)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
-    with hub_errors(str(model_id)), _load_fits(str(model_id), chosen):
+    with hub_errors(str(model_id)), load_fits(str(model_id), chosen):
         model = AutoModelForCausalLM.from_pretrained(source.path, token=token,
                                                      **_model_kwargs(chosen, cuda, attn_implementation))
     if model.generation_config.pad_token_id is None:
@@ -281,7 +283,7 @@ def load_for_evaluation(model_id: str, adapter: str | Path | None, quantization:
         if trained_on == "4bit":
             # an adapter trained on NF4 weights learned their rounding: merging it into the original weights
             # instead lost 3 EX points on Qwen2.5-Coder-0.5B (docs/RESULTS.md, section 19)
-            with _load_fits(str(model_id), "4bit"):
+            with load_fits(str(model_id), "4bit"):
                 model = model.dequantize(dtype=precision(torch.cuda.is_available()).dtype)
             model.is_loaded_in_4bit = False  # transformers leaves the flag set; PEFT reads it when it wraps layers
     except DoesNotFit:

@@ -13,9 +13,10 @@ Loss is computed on the answer tokens only: rows are tokenized here exactly as a
 without added special tokens), prompt tokens get label -100, and the completion already ends with the template's
 end of turn (or eos), so nothing is appended (no double eos).
 
-Memory: each attempt loads its own model and frees it (and its trainer) when it ends. On out of memory the run is
-retried with half the per-device batch and twice the accumulation (the same effective batch), from its last
-checkpoint; at batch 1, or under several processes, it stops with a UserError that says what to change.
+Memory: each attempt loads its own model and frees it (and its trainer) when it ends. On out of memory in the training
+steps the run is retried with half the per-device batch and twice the accumulation (the same effective batch), from
+its last checkpoint; at batch 1, or under several processes, it stops with a UserError that says what to change.
+Weights that run out of memory as they load stop the run at once (scripts.models.DoesNotFit): no batch is halved.
 Mixed precision follows scripts.models.precision(): bf16 on GPUs with native bf16, else fp16 with the LoRA weights
 in float32.
 
@@ -32,7 +33,8 @@ import re
 import resource
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from scripts import distributed
@@ -172,15 +174,13 @@ class QLoRATrainer:
             batch = self._smaller_batch(run_dir, config, batch, out_of_memory)
 
     def _attempt(self, run_dir: Path, config: dict, batch: dict, dataset) -> tuple[dict | None, str | None]:
-        """(result, None) for a finished run, or (None, what ran out) after an out-of-memory error; memory freed."""
+        """(result, None) for a finished run, or (None, what ran out) after out of memory in the steps; memory freed."""
         from scripts import gpu_memory
 
         try:
             return self._load_and_fit(run_dir, config, batch, dataset), None
-        except Exception as error:  # noqa: BLE001 - only out-of-memory errors are retried, the rest re-raised
-            if not gpu_memory.is_out_of_memory(error):
-                raise
-            requested = gpu_memory.requested_text(error)
+        except StepsOutOfMemory as error:
+            requested = gpu_memory.requested_text(error.__cause__)
             return None, gpu_memory.gpu_memory_text() + (f"; the failed allocation asked for {requested} more"
                                                          if requested else "")
         finally:  # the model, the trainer and (after an error) the traceback's activations are gone from here on
@@ -221,9 +221,12 @@ class QLoRATrainer:
 
     def _load_and_fit(self, run_dir: Path, config: dict, batch: dict, dataset) -> dict:
         """Load the model for training, tokenize the data set and fit (one attempt at one batch size)."""
+        from scripts.models import choose_quantization, load_fits
+
         attention = {} if config["attn_implementation"] == "auto" else {"attn_implementation": config["attn_implementation"]}
-        model, tokenizer = self.loader(self.base_model_id, quantization=self.quantization, token=self._token,
-                                       for_training=True, **attention)
+        with load_fits(self.base_model_id, choose_quantization(self.quantization)[0]):
+            model, tokenizer = self.loader(self.base_model_id, quantization=self.quantization, token=self._token,
+                                           for_training=True, **attention)
         tokenizer.padding_side = "right"
         if config["drop_padding_mask"]:
             model.register_forward_pre_hook(_drop_padding_mask, with_kwargs=True)
@@ -250,19 +253,20 @@ class QLoRATrainer:
         if resume:
             log.info("run %s: resuming from %s", run_dir.name, resume)
         session = SessionStats.resumed_from(resume)
-        trainer = SFTTrainer(
-            model=model,
-            args=_sft_config({**config, **{k: batch[k] for k in BATCH_KEYS}}, checkpoints),
-            train_dataset=train_data,
-            processing_class=tokenizer,
-            peft_config=_lora_config(config),
-            callbacks=[session, StopOnNonFiniteGradients(run_dir.name), *self.callbacks],
-        )
-        if trainer.args.fp16:  # the fp16 gradient scaler needs float32 weights to update (TRL makes 4-bit's LoRA bf16)
-            _trainable_to_float32(trainer.model)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        trainer.train(resume_from_checkpoint=resume)
+        with _steps_out_of_memory():
+            trainer = SFTTrainer(
+                model=model,
+                args=_sft_config({**config, **{k: batch[k] for k in BATCH_KEYS}}, checkpoints),
+                train_dataset=train_data,
+                processing_class=tokenizer,
+                peft_config=_lora_config(config),
+                callbacks=[session, StopOnNonFiniteGradients(run_dir.name), *self.callbacks],
+            )
+            if trainer.args.fp16:  # the fp16 gradient scaler updates float32 weights only (TRL makes 4-bit's LoRA bf16)
+                _trainable_to_float32(trainer.model)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            trainer.train(resume_from_checkpoint=resume)
         session_seconds = session.session_seconds()
         seconds = session.seconds_before + session_seconds
         adapter_dir = run_dir / "adapter"
@@ -299,6 +303,25 @@ class QLoRATrainer:
             f", resumed from {summary['resumed_from']}" if resume else "",
         )
         return _result(run_dir, saved)
+
+
+class StepsOutOfMemory(Exception):
+    """Out of memory while the training steps ran (from the library's error): the one kind retried, smaller."""
+
+
+@contextmanager
+def _steps_out_of_memory() -> Iterator[None]:
+    """Mark an out-of-memory error raised in here as the training steps' own (StepsOutOfMemory)."""
+    from scripts import gpu_memory
+
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - only out-of-memory errors are marked, the rest pass through
+        if not gpu_memory.is_out_of_memory(error):
+            raise
+        raise StepsOutOfMemory(str(error)) from error
 
 
 def _import_trainer() -> None:

@@ -403,6 +403,36 @@ def test_out_of_memory_under_several_processes_is_not_retried(tmp_path, monkeypa
     assert loader.calls == 1
 
 
+@pytest.mark.parametrize("where", ["from_pretrained", "loader"])
+def test_weights_that_do_not_fit_as_they_load_stop_at_once_without_halving_the_batch(tmp_path, monkeypatch, where):
+    """Out of memory in the load, not in a training step: one load attempt, the DoesNotFit message, no batch.json."""
+    import transformers
+
+    from scripts.models import DoesNotFit
+    from tests.tiny_models import save_tiny_model
+
+    attempts = []
+
+    def out_of_memory(*args, **kwargs):
+        attempts.append(args)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.50 GiB")
+
+    if where == "from_pretrained":  # the real loader: its weights run out of memory
+        model_id, loader = str(save_tiny_model(tmp_path / "model")), None
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    else:  # a loader that runs out of memory in its own steps (e.g. preparing 4-bit weights for training)
+        model_id, loader = "tiny/chatml", out_of_memory
+    trainer = QLoRATrainer(model_id, tmp_path / "runs", quantization="none", loader=loader)
+    with pytest.raises(DoesNotFit) as caught:
+        trainer.train(config(per_device_train_batch_size=8, gradient_accumulation_steps=2),
+                      sft_rows(build_tokenizer("chatml")))
+    message = str(caught.value)
+    assert len(attempts) == 1
+    assert f"{model_id!r} does not fit in memory: out of memory while its weights load" in message
+    assert "QUANTIZATION to 4bit" in message and "in training" not in message
+    assert not list((tmp_path / "runs").rglob("batch.json"))
+
+
 def test_other_errors_are_not_retried(tmp_path):
     class Broken(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
