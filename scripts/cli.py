@@ -66,7 +66,7 @@ def _run_flags(p: argparse.ArgumentParser, d: _DefaultText) -> None:
                      help="only these stages, comma-separated; the others reuse their saved results (default: all, "
                           "listed below)")
     run.add_argument("--demo", action="store_true", default=None,
-                     help="the bundled demo data and SmolLM2-135M-Instruct, minutes on a CPU")
+                     help="the bundled demo data and SmolLM2-135M-Instruct, minutes on a CPU (no input flags)")
     run.add_argument("--force", action="store_true", default=None, help="redo the stages and training runs that exist")
     run.add_argument("--env-file", type=Path, default=None, metavar="FILE",
                      help="settings file (default: .env when it exists)")

@@ -121,8 +121,12 @@ def resolve_settings(defaults: dict, args: argparse.Namespace, environ: dict | N
     """Constants from main.py, then .env and the environment, then flags; every value validated."""
     values = dict(defaults)
     if args.demo:
+        _check_demo_flags(args)
         values.update(demo_defaults())
     for key, (text, where) in read_env(args.env_file, os.environ if environ is None else environ).items():
+        if args.demo and ENV_KEYS[key] in DEMO_DATA_FLAGS:
+            log.warning("--demo uses the bundled demo data: %s in %s is not used", key, where)
+            continue
         values[ENV_KEYS[key]] = from_text(ENV_KEYS[key], text, f"{key} in {where}")
     for name, value in vars(args).items():
         if value is not None and name != "env_file":
@@ -142,6 +146,20 @@ def resolve_settings(defaults: dict, args: argparse.Namespace, environ: dict | N
     settings = Settings(**values)
     _validate(settings)
     return settings
+
+
+DEMO_DATA_FLAGS = {  # Settings field -> the flag that sets it: the data --demo brings its own of
+    "path_ft_dataset": "--ft-dataset", "path_task_eval_dataset": "--eval-dataset", "path_databases": "--databases",
+    "spider_zip": "--spider-zip", "path_mmlu": "--mmlu",
+}
+
+
+def _check_demo_flags(args: argparse.Namespace) -> None:
+    """--demo with a data flag is an error: the demo's data would replace it without a word."""
+    given = [flag for name, flag in DEMO_DATA_FLAGS.items() if getattr(args, name, None) is not None]
+    if given:
+        raise UserError(f"--demo uses the bundled demo data: drop {', '.join(given)}, or drop --demo to run on "
+                        "your own data")
 
 
 def read_env(env_file: Path | None, environ: dict) -> dict[str, tuple[str, str]]:
@@ -304,8 +322,18 @@ def check_store_path(path: Path) -> None:
         raise UserError(f"{setting} {path} is a folder; give the path of the results database file, "
                         "e.g. results/results.sqlite")
     check_output_folder(path.parent, setting)
-    if not path.is_file() or path.stat().st_size == 0:
+    if not path.is_file():
         return
+    if path.stat().st_size > 0:
+        _check_results_store(path, setting)
+    # SQLite writes the store and, in WAL mode, its -wal and -shm files beside it
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.is_file():
+            check_writable_file(file, setting)
+
+
+def _check_results_store(path: Path, setting: str) -> None:
+    """An existing DB_PATH is an earlier run's results store, never another file or SQLite database."""
     with path.open("rb") as f:
         header = f.read(16)
     if header != b"SQLite format 3\x00":
@@ -315,6 +343,16 @@ def check_store_path(path: Path) -> None:
     if tables is not None and tables and "runs" not in tables:
         raise UserError(f"{setting} {path} is an SQLite database but not a results store (its tables: "
                         f"{', '.join(sorted(tables)[:5])}); it is left untouched: give a new path")
+
+
+def check_writable_file(path: Path, setting: str) -> None:
+    """An existing file the run writes, opened for appending (nothing changes): a read-only one stops the run now."""
+    try:  # an open, not os.access, which says yes to root on read-only file systems
+        with path.open("ab"):
+            pass
+    except OSError as e:
+        raise UserError(f"{setting} {path} cannot be written ({e.strerror or e}); make it writable "
+                        f"(chmod u+w {path}) or give another path") from None
 
 
 def _sqlite_tables(path: Path) -> set[str] | None:
@@ -368,7 +406,7 @@ def demo_defaults() -> dict:
 
 
 def demo_data_paths() -> dict:
-    """The demo's data, built from data/demo/ (these win over .env and flags, so a real run's data never leaks in)."""
+    """The demo's data, built from data/demo/ (a data flag with --demo is an error; .env's PATH_* are not used)."""
     from scripts import distributed
     from scripts.demo_data import build_demo_data
 

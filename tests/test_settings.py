@@ -1,4 +1,5 @@
 """Configuration: main.py's constants < .env < flags, and bad values stop before anything is loaded."""
+import re
 from pathlib import Path
 
 import pytest
@@ -195,12 +196,70 @@ def test_db_path_never_takes_over_another_sqlite_database(tmp_path: Path) -> Non
     assert settings(tmp_path, "--db-path", str(tmp_path / "store.sqlite")).db_path == tmp_path / "store.sqlite"
 
 
-def test_demo_replaces_the_users_data_paths(tmp_path: Path, monkeypatch) -> None:
+def test_demo_replaces_the_env_data_paths_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.chdir(tmp_path)  # the demo data are built under ./data/demo_build
-    s = settings(tmp_path, "--demo", "--eval-dataset", "mine.json",
-                 env_file="PATH_FT_DATASET=t.json\nPATH_DATABASES=d\n")
+    s = settings(tmp_path, "--demo", env_file="PATH_FT_DATASET=t.json\nPATH_DATABASES=d\n")
     assert (s.path_ft_dataset, s.path_task_eval_dataset, s.path_databases) == (None, (), None)
     assert s.spider_zip == Path("data/demo_build/spider_data.zip")
+    assert "--demo uses the bundled demo data: PATH_FT_DATASET in" in caplog.text and "PATH_DATABASES in" in caplog.text
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--eval-dataset", "mine.json"], "drop --eval-dataset, or drop --demo"),
+    (["--ft-dataset", "t.json", "--databases", "dbs"], "drop --ft-dataset, --databases, or drop --demo"),
+    (["--mmlu", "m", "--spider-zip", "s.zip"], "drop --spider-zip, --mmlu, or drop --demo"),
+])
+def test_demo_with_a_data_flag_is_an_error_before_the_demo_data_are_built(tmp_path: Path, monkeypatch, flags,
+                                                                         named) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="--demo uses the bundled demo data: " + named):
+        settings(tmp_path, "--demo", *flags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".env"]  # no data/demo_build
+
+
+def _store(tmp_path: Path) -> Path:
+    """An earlier run's (empty) results store."""
+    from scripts.store import ResultsStore
+
+    with ResultsStore(tmp_path / "store" / "results.sqlite"):
+        pass
+    return tmp_path / "store" / "results.sqlite"
+
+
+def test_read_only_store_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes read-only files: see the test below, which makes the open fail")
+    db = _store(tmp_path)
+    db.chmod(0o444)
+    try:
+        with pytest.raises(UserError, match=re.escape(f"DB_PATH (--db-path) {db} cannot be written") + ".*chmod u"):
+            settings(tmp_path, "--db-path", str(db))
+    finally:
+        db.chmod(0o644)
+
+
+@pytest.mark.parametrize("locked", ["results.sqlite", "results.sqlite-wal"])
+def test_store_or_its_wal_file_that_cannot_be_opened_for_writing_is_an_error(tmp_path: Path, monkeypatch,
+                                                                            locked: str) -> None:
+    db = _store(tmp_path)
+    (db.parent / "results.sqlite-wal").write_bytes(b"")  # left beside the store by an earlier run
+    real_open = Path.open
+
+    def read_only(self, mode="r", *args, **kwargs):  # what a read-only file gives a user other than root
+        if self.name == locked and any(c in mode for c in "wax+"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", read_only)
+    before = sorted(p.name for p in db.parent.iterdir())
+    with pytest.raises(UserError, match=re.escape(f"DB_PATH (--db-path) {db.parent / locked} cannot be written "
+                                                  "(Permission denied); make it writable")):
+        settings(tmp_path, "--db-path", str(db))
+    assert sorted(p.name for p in db.parent.iterdir()) == before
+    monkeypatch.setattr(Path, "open", real_open)
+    assert settings(tmp_path, "--db-path", str(db)).db_path == db  # writable: accepted
 
 
 def test_stages_keep_pipeline_order(tmp_path: Path) -> None:
