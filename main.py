@@ -78,9 +78,11 @@ def run(s: Settings) -> dict:
     """The whole pipeline, stage by stage; a stage left out of --stages reuses its saved result if any."""
     # the stages bring torch and transformers (seconds to import): loaded here, so --help and a bad flag answer at once
     from scripts import evaluate, mmlu, pre_proc, regression, report, spider_data, training, training_config
+    from scripts.cpu_threads import set_cpu_threads
     from scripts.model_source import check_model_source
     from scripts.models import ModelCache
 
+    set_cpu_threads()  # torch is loaded from here on: on a CPU, one thread per core that is free now
     training_config.validate_training_configs(s.training_configs)  # every input is checked before anything is written
     check_model_source(s.base_model_id, s.hf_token)  # a missing path, an unknown Hub id, the Hub unreachable
     mmlu.check_data(s)
