@@ -84,8 +84,9 @@ def run(s: Settings) -> dict:
 
     set_cpu_threads()  # torch is loaded from here on: on a CPU, one thread per core that is free now
     training_config.validate_training_configs(s.training_configs)  # every input is checked before anything is written
-    check_model_source(s.base_model_id, s.hf_token)  # a missing path, an unknown Hub id, the Hub unreachable
-    mmlu.check_data(s)
+    check_model_source(s.base_model_id, s.hf_token)  # a missing path or model, an unknown Hub id, the Hub unreachable
+    mmlu.check_data(s)  # PATH_MMLU's files, or the Hub's copy reachable or cached
+    report.check_something_to_report(s)  # --stages report alone needs saved stage results
     data = spider_data.prepare_stage(s)  # 1. the train and evaluation sets and their databases (Spider's or yours)
     cache = StageCache(s.results_dir / "stages", force=s.force)
     models = ModelCache(s)

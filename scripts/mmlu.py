@@ -19,7 +19,7 @@ from pathlib import Path
 from scripts import distributed
 from scripts.errors import UserError
 from scripts.gpu_memory import split_on_oom
-from scripts.mmlu_data import LETTERS, load_mmlu
+from scripts.mmlu_data import LETTERS, check_hub_copy, load_mmlu
 from scripts.mmlu_scoring import (
     context_size,
     float32_head,
@@ -254,9 +254,13 @@ def _result_row(question: dict, loglik: list[float]) -> dict:
 # --- stage ------------------------------------------------------------------------------------------------
 
 def check_data(settings) -> None:
-    """Read PATH_MMLU's CSVs when an MMLU stage runs: a bad file stops the run before anything is written."""
-    if settings.path_mmlu is None or not {"baseline_mmlu", "mmlu_best"} & set(settings.stages):
-        return  # the Hub's copy is checked when it is loaded
+    """When an MMLU stage runs: PATH_MMLU's CSVs read (a bad file stops the run before anything is written), or
+    without PATH_MMLU the Hub's copy reachable or cached."""
+    if not {"baseline_mmlu", "mmlu_best"} & set(settings.stages):
+        return
+    if settings.path_mmlu is None:
+        check_hub_copy(settings.hf_token)
+        return
     load_mmlu(settings.path_mmlu, "test")
     if settings.mmlu_k_shot > 0:
         load_mmlu(settings.path_mmlu, "dev")

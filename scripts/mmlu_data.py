@@ -97,6 +97,41 @@ def load_hub_split(split: str) -> list[dict]:
     return sorted(questions, key=lambda q: (q["subject"], q["index"]))
 
 
+def check_hub_copy(token: str | None = None) -> None:
+    """PATH_MMLU unset: cais/mmlu must be in the local datasets cache (offline) or the Hub answer one quick probe."""
+    from datasets import config
+    from huggingface_hub import errors as hub
+
+    from scripts.model_source import hub_endpoint, hub_unreachable
+
+    fix = "pass --mmlu DIR (or PATH_MMLU in .env), a folder in MMLU's original CSV layout (dev/, val/, test/)"
+    cached = _in_datasets_cache(Path(config.HF_DATASETS_CACHE))
+    if config.HF_HUB_OFFLINE:
+        if not cached:
+            raise UserError(f"PATH_MMLU is not set, so MMLU comes from the Hub's {HUB_DATASET}, but HF_HUB_OFFLINE=1 "
+                            f"is set and it is not in the local datasets cache ({config.HF_DATASETS_CACHE}): {fix}, "
+                            "or go online (unset HF_HUB_OFFLINE) to download it once")
+        return
+    try:
+        unreachable = hub_unreachable(HUB_DATASET, token, repo_type="dataset")
+    except (hub.RepositoryNotFoundError, hub.HFValidationError):
+        raise UserError(f"PATH_MMLU is not set and {HUB_DATASET} was not found on the Hub ({hub_endpoint()}): "
+                        f"{fix}") from None
+    if unreachable and cached:
+        raise UserError(f"PATH_MMLU is not set and the Hugging Face Hub ({hub_endpoint()}) cannot be reached "
+                        f"({unreachable}); {HUB_DATASET} is in the local datasets cache: set HF_HUB_OFFLINE=1 to use "
+                        f"it without the Hub, or {fix}")
+    if unreachable:
+        raise UserError(f"PATH_MMLU is not set and the Hugging Face Hub ({hub_endpoint()}) cannot be reached "
+                        f"({unreachable}) to download {HUB_DATASET}: {fix}, or go online")
+
+
+def _in_datasets_cache(cache: Path) -> bool:
+    """Whether the datasets library's own cache holds cais/mmlu's "all" configuration (what it reads offline)."""
+    owner, name = HUB_DATASET.split("/")
+    return any(p.is_dir() for p in (cache / f"{owner}___{name}" / "all").glob("*/*"))
+
+
 def _only_subjects(questions: list[dict], subjects: Sequence[str], path) -> list[dict]:
     """Keep the chosen subjects; an unknown subject is a user error."""
     available = {q["subject"] for q in questions}

@@ -1,6 +1,7 @@
 """Where the weights come from: a Hub id, a local folder or a .gguf file (converted once into a cached folder).
 
-`check_model_source` fails fast, before anything is written, on a missing path, an unknown Hub id or a Hub that
+`check_model_source` fails fast, before anything is written, on a missing path, a folder without a model (no
+config.json, weights or tokenizer; a folder of .gguf files names the file to pass), an unknown Hub id or a Hub that
 cannot be reached; Hub failures become UserErrors (`hub_errors`). A `.gguf` file is dequantized once into a
 safetensors folder under the cache folder (keyed by the file's path, size and mtime) with its tokenizer beside
 it; later loads read that folder (`prepared_source`).
@@ -81,7 +82,8 @@ def _hub_gguf(model_id: str, token: str | None) -> ModelSource:
 
 
 def check_model_source(model_id: str, token: str | None = None) -> None:
-    """Fail fast, before anything is written: a missing local path, an unknown Hub id, or a Hub that cannot be reached."""
+    """Fail fast, before anything is written: a missing local path, a folder with no model in it, an unknown Hub id,
+    or a Hub that cannot be reached."""
     model_id = str(model_id)
     if model_id.endswith(".gguf") and not Path(model_id).expanduser().is_file():
         if _looks_like_local_gguf(model_id) or model_id.count("/") < 2:
@@ -89,8 +91,38 @@ def check_model_source(model_id: str, token: str | None = None) -> None:
         parts = model_id.split("/")
         check_hub(model_id, "/".join(parts[:2]), "/".join(parts[2:]), token)
         return
-    if resolve_source(model_id, token).kind == "hub":
+    source = resolve_source(model_id, token)
+    if source.kind == "hub":
         check_hub(model_id, model_id, "config.json", token)
+    elif source.kind == "folder":
+        check_model_folder(model_id, Path(source.path))
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")  # from_pretrained's
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def check_model_folder(model_id: str, folder: Path) -> None:
+    """A model folder holds config.json, weights and tokenizer files; a folder of .gguf files names the file to pass."""
+    where = f"BASE_MODEL_ID {model_id!r} (main.py, .env or --model)"
+    if not (folder / "config.json").is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if ggufs:
+            files = " or ".join(str(p) for p in ggufs[:3])
+            raise UserError(f"{where} is the folder that holds {', '.join(p.name for p in ggufs[:3])}: "
+                            f"pass the .gguf file itself, e.g. --model {files}")
+        if (folder / "adapter_config.json").is_file():
+            raise UserError(f"{where} is a LoRA adapter folder (adapter_config.json), not a model: give the base "
+                            "model it was trained from (the pipeline trains its own adapters)")
+        raise UserError(f"{where}: folder {folder} holds no model (no config.json); give a folder saved with "
+                        "save_pretrained (config.json, weights, tokenizer), a .gguf file or a Hub id")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise UserError(f"{where}: folder {folder} has config.json but no weights (*.safetensors or "
+                        "pytorch_model*.bin); copy the weight files there (a download may have stopped early)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{where}: folder {folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                        "copy them from where the model came from (tokenizer.save_pretrained writes them)")
 
 
 def check_hub(model_id: str, repo_id: str, filename: str, token: str | None = None) -> None:
@@ -98,28 +130,50 @@ def check_hub(model_id: str, repo_id: str, filename: str, token: str | None = No
 
     Offline (HF_HUB_OFFLINE=1) nothing is asked of the Hub: the local cache must hold the repo's `filename`.
     """
-    from huggingface_hub import HfApi, constants
     from huggingface_hub import errors as hub
 
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     if _offline_mode():
         if not _in_hub_cache(repo_id, filename):
             raise UserError(f"{model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set. "
                             "Download it once with network access, or set BASE_MODEL_ID to a local folder or .gguf file")
         return
     try:
-        HfApi(endpoint=endpoint).model_info(repo_id, token=token or False, timeout=HUB_PROBE_TIMEOUT_S)
+        unreachable = hub_unreachable(repo_id, token)
     except (hub.RepositoryNotFoundError, hub.HFValidationError) as error:
         raise UserError(hub_error_message(model_id, error)) from None
-    except hub.HfHubHTTPError:
-        return  # the Hub answered (gated, rate limit, ...): the loader reports what it means
-    except Exception as error:  # noqa: BLE001 - no answer at all (refused, timed out, DNS): the Hub is unreachable
+    if unreachable:
         advice = (f"{model_id!r} is in the local cache: set HF_HUB_OFFLINE=1 to use it without the Hub"
                   if _in_hub_cache(repo_id, filename) else
                   f"{model_id!r} is not in the local cache: download it once with network access, or set BASE_MODEL_ID "
                   "to a local folder or .gguf file (and HF_HUB_OFFLINE=1 to run with no network at all)")
-        raise UserError(f"the Hugging Face Hub ({endpoint}) cannot be reached ({type(error).__name__}); {advice}") \
-            from None
+        raise UserError(f"the Hugging Face Hub ({hub_endpoint()}) cannot be reached ({unreachable}); {advice}")
+
+
+def hub_endpoint() -> str:
+    """The Hub's address: HF_ENDPOINT, else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def hub_unreachable(repo_id: str, token: str | None = None, repo_type: str = "model") -> str | None:
+    """One request about repo_id with a short timeout and no retries: None when the Hub answers, else why not.
+
+    A repo the Hub says does not exist (RepositoryNotFoundError, HFValidationError) is raised to the caller.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub
+
+    try:
+        HfApi(endpoint=hub_endpoint()).repo_info(repo_id, repo_type=repo_type, token=token or False,
+                                                 timeout=HUB_PROBE_TIMEOUT_S)
+    except (hub.RepositoryNotFoundError, hub.HFValidationError):
+        raise
+    except hub.HfHubHTTPError:
+        return None  # the Hub answered (gated, rate limit, ...): the loader reports what it means
+    except Exception as error:  # noqa: BLE001 - no answer at all (refused, timed out, DNS): the Hub is unreachable
+        return type(error).__name__
+    return None
 
 
 def _in_hub_cache(repo_id: str, filename: str) -> bool:

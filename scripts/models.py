@@ -21,7 +21,7 @@ import torch
 
 from scripts import distributed
 from scripts.errors import UserError
-from scripts.model_source import ModelSource, hub_errors, prepared_source
+from scripts.model_source import ModelSource, check_model_folder, hub_errors, prepared_source
 from scripts.settings import QUANTIZATIONS
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,8 @@ def load_model_and_tokenizer(
     chosen, why = choose_quantization(quantization, cuda)
     log.info("quantization: %s (%s); precision: %s", chosen, why, precision(cuda).reason)
     source = prepared_source(str(model_id), token, Path(cache_dir))
+    if source.kind == "folder" and source.gguf_file is None:  # else transformers blames a missing sentencepiece
+        check_model_folder(str(model_id), Path(source.path))
     tokenizer = _load_tokenizer_from(source, str(model_id), token, use_fast)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from scripts import distributed
+from scripts.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,10 @@ def report_stage(settings, eval_sets, baseline_ex, baseline_mmlu, adapters, tune
     `baseline_ex` is {set name: EX summary}, `tuned_ex` {run name: {set name: summary}}; `ex` is the first set's
     (the one the best adapter is chosen on), `ex_by_set` every set's.
     """
+    if "report" in settings.stages and not any((baseline_ex, baseline_mmlu, adapters, tuned_ex, tuned_mmlu, analysis)):
+        raise UserError(f"nothing to report for these settings: no result under {settings.results_dir / 'stages'} "
+                        "is for them (a result is reused only for the same model, sample sizes and data); run the "
+                        "other stages with these settings first")
     first = eval_sets[0].name if eval_sets else None
     tuned_ex = tuned_ex or {}
     results = {
@@ -52,6 +57,19 @@ def report_stage(settings, eval_sets, baseline_ex, baseline_mmlu, adapters, tune
     (out / "report.md").write_text(render_markdown(results, plots))
     log.info("report: %s and %s", out / "report.md", out / "results.json")
     return results
+
+
+RESULT_STAGES = ("baseline_ex", "baseline_mmlu", "train", "eval_adapters", "mmlu_best", "regression")
+
+
+def check_something_to_report(settings) -> None:
+    """--stages with report but no stage that makes results: saved stage results must exist, else a UserError."""
+    if "report" not in settings.stages or set(RESULT_STAGES) & set(settings.stages):
+        return
+    saved = settings.results_dir / "stages"
+    if not any(saved.glob("*.json")):
+        raise UserError(f"nothing to report: no stage results under {saved}; run the other stages first (leave "
+                        "--stages out for all of them, or set RESULTS_DIR (--results-dir) to an earlier run's folder)")
 
 
 def _without_rows(mmlu: dict | None) -> dict | None:

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -402,6 +403,8 @@ def test_answers_other_processes_spooled_before_an_interruption_are_recovered(fu
     (("--stages", "train,evaluate"), "unknown stage(s) ['evaluate'] in --stages; choose from data"),
     (("--mmlu", "nowhere/mmlu"), "point PATH_MMLU (or --mmlu) at the MMLU data folder"),
     (("--model", "nowhere/model.gguf"), "no such .gguf file"),
+    (("--demo",), "--demo uses the bundled demo data: drop --spider-zip, --mmlu, or drop --demo"),
+    (("--stages", "report"), "nothing to report: no stage results under "),
 ])
 def test_user_error_exits_with_status_2_names_the_fix_and_writes_nothing(inputs, tmp_path, monkeypatch, caplog, capsys,
                                                                         extra, fix):
@@ -414,3 +417,127 @@ def test_user_error_exits_with_status_2_names_the_fix_and_writes_nothing(inputs,
     assert probe.loads == [] and probe.generated == 0 and probe.mmlu_scored == 0
     # every input is checked before anything is written: no results folder, no store, nothing unpacked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.env"]
+
+
+def _folder_without_a_model(folder: Path, model: Path, holds: str) -> Path:
+    """A --model folder that holds no loadable model: nothing, a .gguf file, or a config without weights."""
+    folder.mkdir(parents=True)
+    if holds == "gguf":
+        (folder / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    elif holds == "config":
+        (folder / "config.json").write_text((model / "config.json").read_text())
+    elif holds == "no tokenizer":
+        for name in ("config.json", "model.safetensors"):
+            (folder / name).write_bytes((model / name).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("holds, fix", [
+    ("nothing", "holds no model (no config.json); give a folder saved with save_pretrained"),
+    ("gguf", "is the folder that holds SmolLM2-135M-Instruct.Q4_1.gguf: pass the .gguf file itself, e.g. --model "),
+    ("config", "has config.json but no weights (*.safetensors or pytorch_model*.bin)"),
+    ("no tokenizer", "has no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json, ...)"),
+])
+def test_model_folder_without_a_model_stops_before_anything_is_written(inputs, tmp_path, monkeypatch, caplog, holds,
+                                                                      fix):
+    caplog.set_level(logging.ERROR, logger="main")
+    folder = _folder_without_a_model(tmp_path / "models" / "m", inputs["model"], holds)
+    status, probe = run_main(tmp_path, inputs, monkeypatch, "--model", str(folder))
+    errors = [r.getMessage() for r in caplog.records if r.name == "main" and r.levelno == logging.ERROR]
+    assert status == 2 and len(errors) == 1 and fix in errors[0], errors
+    if holds == "gguf":
+        assert str(folder / "SmolLM2-135M-Instruct.Q4_1.gguf") in errors[0]
+    assert probe.loads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["empty.env", "models"]
+
+
+def test_read_only_store_stops_before_the_model_loads_and_leaves_no_wal_files(inputs, tmp_path, monkeypatch, caplog):
+    from scripts.store import ResultsStore
+
+    caplog.set_level(logging.ERROR, logger="main")
+    db = tmp_path / "store" / "results.sqlite"
+    with ResultsStore(db):  # an earlier run's store
+        pass
+    before = db.read_bytes()
+    real_open = Path.open
+
+    def read_only(self, mode="r", *args, **kwargs):  # a read-only file, as any user but root meets it
+        if self == db and any(c in mode for c in "wax+"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", read_only)
+    status, probe = run_main(tmp_path, inputs, monkeypatch, "--stages", "data,baseline_ex")
+    errors = [r.getMessage() for r in caplog.records if r.name == "main" and r.levelno == logging.ERROR]
+    assert status == 2 and errors == [f"DB_PATH (--db-path) {db} cannot be written (Permission denied); make it "
+                                      f"writable (chmod u+w {db}) or give another path"]
+    assert probe.loads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["empty.env", "store"]
+    assert sorted(p.name for p in db.parent.iterdir()) == ["results.sqlite"] and db.read_bytes() == before
+
+
+def test_report_alone_reports_what_earlier_stages_saved(inputs, tmp_path, monkeypatch):
+    status, _ = run_main(tmp_path, inputs, monkeypatch, "--stages", "data,baseline_ex")
+    assert status == 0 and not (tmp_path / "results" / "report.md").exists()
+    status, probe = run_main(tmp_path, inputs, monkeypatch, "--stages", "report")
+    assert status == 0 and probe.loads == [] and probe.generated == 0
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["baseline"]["ex"]["count"] == N_EVAL and results["runs"] == {}
+
+
+def test_report_alone_with_results_for_other_settings_only_is_a_user_error(inputs, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.ERROR, logger="main")
+    assert run_main(tmp_path, inputs, monkeypatch, "--stages", "data,baseline_ex")[0] == 0
+    status, probe = run_main(tmp_path, inputs, monkeypatch, "--stages", "report", "--sample-size-eval", "5")
+    assert status == 2 and "nothing to report for these settings" in caplog.text and probe.loads == []
+    assert not (tmp_path / "results" / "report.md").exists()
+
+
+def _without_mmlu_flag(args: list[str]) -> list[str]:
+    """The command without --mmlu DIR: MMLU from the Hub's cais/mmlu."""
+    i = args.index("--mmlu")
+    return args[:i] + args[i + 2:]
+
+
+def test_mmlu_from_the_hub_offline_and_not_cached_stops_before_anything_is_written(inputs, tmp_path, monkeypatch,
+                                                                                  caplog):
+    import datasets.config
+
+    caplog.set_level(logging.ERROR, logger="main")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "no-cache")
+    monkeypatch.chdir(tmp_path)
+    for key in ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    probe = Probe(monkeypatch)
+    status = main.main(_without_mmlu_flag(argv(tmp_path, inputs, "--stages", "data,baseline_mmlu")))
+    errors = [r.getMessage() for r in caplog.records if r.name == "main" and r.levelno == logging.ERROR]
+    assert status == 2 and len(errors) == 1
+    assert "HF_HUB_OFFLINE=1 is set and it is not in the local datasets cache" in errors[0]
+    assert "pass --mmlu DIR" in errors[0] and "or go online" in errors[0]
+    assert probe.loads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["empty.env"]
+    # a cached copy (what the datasets library reads offline) passes the check
+    (tmp_path / "no-cache" / "cais___mmlu" / "all" / "0.0.0" / "abc123").mkdir(parents=True)
+    scripts.mmlu.check_data(SimpleNamespace(stages=("baseline_mmlu",), path_mmlu=None, hf_token=None))
+
+
+def test_mmlu_from_an_unreachable_hub_fails_fast_through_main(inputs, tmp_path):
+    """main.py with the Hub at a closed local port and no --mmlu: exit 2 within seconds, not ~23 s of retries."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a local port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", *ENV_KEYS)}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"),
+                           *_without_mmlu_flag(argv(tmp_path, inputs, "--stages", "baseline_mmlu"))],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    seconds, output = time.perf_counter() - start, done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert f"the Hugging Face Hub (http://127.0.0.1:{port}) cannot be reached" in output
+    assert "to download cais/mmlu: pass --mmlu DIR" in output
+    assert "Retrying" not in output and "Traceback" not in output
+    assert seconds < 20, f"{seconds:.1f} s to give up on an unreachable Hub"
+    assert not (tmp_path / "results").exists() and not (tmp_path / "store").exists()
