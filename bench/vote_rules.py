@@ -9,9 +9,9 @@ the pipeline's extraction (scripts/sql_extraction.py) and with an earlier one lo
 same texts, apart from sampling. Each distinct query is executed once (scripts/voting.run_candidate) and each
 distinct (example, SQL) pair scored once (custom_metrics.execution_accuracy); the vote rules reuse the outcomes:
 
-  current      every empty result shares one fingerprint and votes (scripts/voting.choose as it is)
+  count_empty  every empty result shares one fingerprint and votes (the rule before 2026-12-04)
   drop_empty   an empty result is dropped like a failed answer (the greedy answer's too)
-  empty_last   an empty result votes only when no answer has a non-empty result
+  empty_last   an empty result votes only when no answer has a non-empty result (scripts/voting.choose)
 
 Printed: EX counts and ratios, answers whose extraction differs (and how many old ones are a sub-part of the new
 statement), gained/lost against greedy and between rules with an exact two-sided sign test on the discordant
@@ -20,6 +20,7 @@ examples; with --compare, the stored greedy and voted EX and error classes of ea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -36,7 +37,7 @@ from custom_metrics.execution_accuracy import database_files, database_path, exe
 from scripts import sql_extraction
 from scripts.voting import Outcome, canonical, choose, fingerprint_of, run_candidate
 
-RULES = ("current", "drop_empty", "empty_last")
+RULES = ("count_empty", "drop_empty", "empty_last")
 
 
 # ------------------------------------------------------------------ the store
@@ -130,13 +131,13 @@ def empty_fingerprint(files: list) -> str:
 
 def vote_with(rule: str, greedy_sql: str, greedy: Outcome, sqls: list[str], outcomes: list[Outcome], empty: str):
     """voting.choose, with empty results counted as `rule` says (see the module docstring)."""
-    if rule == "current":
+    if rule == "empty_last":
         return choose(greedy_sql, greedy, sqls, outcomes)
-    non_empty = any(o.fingerprint not in (None, empty) for o in [greedy, *outcomes])
-    if rule == "drop_empty" or (rule == "empty_last" and non_empty):
-        drop = lambda o: Outcome(None, "empty_result") if o.fingerprint == empty else o  # noqa: E731
-        return choose(greedy_sql, drop(greedy), sqls, [drop(o) for o in outcomes])
-    return choose(greedy_sql, greedy, sqls, outcomes)
+    if rule == "count_empty":  # an empty result told from no other: it votes like any result
+        plain = lambda o: dataclasses.replace(o, empty=False)  # noqa: E731
+        return choose(greedy_sql, plain(greedy), sqls, [plain(o) for o in outcomes])
+    drop = lambda o: Outcome(None, "empty_result") if o.fingerprint == empty else o  # noqa: E731
+    return choose(greedy_sql, drop(greedy), sqls, [drop(o) for o in outcomes])
 
 
 # ------------------------------------------------------------------ report helpers
@@ -284,13 +285,13 @@ def main() -> None:
               f"{sum(b and not a for a, b in zip(g, c))}, lost {sum(a and not b for a, b in zip(g, c))}; changed "
               f"{sum(vs[i].changed for i in scored)}; empty result wins {empty_wins}; errors {errors(sqls)}")
     for which in extractions:
-        for a, b in [("current", "drop_empty"), ("current", "empty_last"), ("drop_empty", "empty_last")]:
+        for a, b in [("count_empty", "drop_empty"), ("count_empty", "empty_last"), ("drop_empty", "empty_last")]:
             print(f"{which} extraction: " + compare(a, results[(which, a)], b, results[(which, b)]))
     for rule in RULES:
         print(f"{rule}: " + compare("old", results[("old", rule)], "new", results[("new", rule)]))
     stored = [e["vote"]["voted_sql"] if e["vote"] else None for e in examples]
-    print(f"new extraction + current rule reproduces the stored voted SQL: "
-          f"{sum(a == b for a, b in zip(voted[('new', 'current')], stored))}/{len(examples)}")
+    print(f"new extraction + the rule the store was voted with reproduces its voted SQL: "
+          f"{sum(a == b for a, b in zip(voted[('new', 'count_empty')], stored))}/{len(examples)}")
     gold = execute_all({(examples[i]["db_id"], examples[i]["gold_sql"]) for i in scored}, db_files, args.timeout,
                        args.workers)
 
@@ -302,7 +303,7 @@ def main() -> None:
           f" of {n}; candidates with an empty result {sum(is_empty(outcome, i, s) for i in scored for s in new_c[i])}"
           f" of {sum(len(new_c[i]) for i in scored)}; gold queries with an empty result {sum(gold_empty)} of {n}")
     for which in extractions:
-        for a, b in [("current", "drop_empty"), ("current", "empty_last")]:
+        for a, b in [("count_empty", "drop_empty"), ("count_empty", "empty_last")]:
             ra, rb = results[(which, a)], results[(which, b)]
             split = Counter((x, ge) for x, y, ge in zip(ra, rb, gold_empty) if x != y)
             print(f"{which} extraction, {a} vs {b}, discordant by gold result: {a} right with empty gold "

@@ -69,6 +69,17 @@ def test_a_tie_goes_to_the_greedy_answers_group_then_to_the_group_met_first(db):
     assert result.sql == COUNT and result.changed and result.greedy == Outcome(None, "unknown_table_or_column")
 
 
+def test_empty_results_vote_only_when_no_answer_has_a_non_empty_one(db):
+    nobody = ["SELECT name FROM singer WHERE age > 100", "SELECT name FROM singer WHERE country = 'Mars'"]
+    result = vote(OLDER, nobody * 2, db)  # four empty results against one non-empty greedy answer
+    assert result.sql == OLDER and not result.changed and (result.votes, result.voters) == (1, 1)
+    assert all(o.empty and o.fingerprint is not None for o in result.candidates)
+    result = vote(nobody[0], [FRENCH] + nobody, db)  # an empty greedy answer gives way to a non-empty one
+    assert result.sql == FRENCH and result.changed and result.greedy.empty
+    result = vote(nobody[0], nobody + ["SELEC 1"], db)  # nothing non-empty ran: the empty results vote
+    assert result.sql == nobody[0] and (result.votes, result.voters) == (3, 3)
+
+
 def test_the_greedy_answer_stands_when_nothing_runs(db):
     result = vote("SELECT nope FROM singer", ["SELEC 1", "DELETE FROM singer", ""], db)
     assert result.sql == "SELECT nope FROM singer" and result.fingerprint is None
