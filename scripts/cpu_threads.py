@@ -34,7 +34,7 @@ def set_cpu_threads(environ: dict | None = None) -> int | None:
     threads = choose_threads(cores, busy)
     torch.set_num_threads(threads)
     log.info("CPU run: torch uses %d thread(s) (%d usable cores, %.1f of them busy with other processes; "
-             "OMP_NUM_THREADS chooses)", threads, cores, busy)
+             "set OMP_NUM_THREADS to choose)", threads, cores, busy)
     return threads
 
 
