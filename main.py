@@ -28,7 +28,7 @@ TRAINING_CONFIGS = [  # one QLoRA run per entry; keys and defaults: scripts/trai
 ]
 MMLU_PER_SUBJECT = 10  # questions per subject (57 subjects); None = all 14,042
 MMLU_K_SHOT = 5
-EVAL_BATCH_SIZE = 16
+EVAL_BATCH_SIZE = 16  # prompts per generation and MMLU batch; "auto": per batch, the most that fit the GPU memory
 MAX_NEW_TOKENS = 160
 SQL_TIMEOUT_S = 30.0  # per query, enforced inside SQLite
 SCHEMA_SAMPLE_ROWS = 0  # sample rows per table in the prompt's schema

@@ -8,7 +8,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from scripts.settings import (
-    ALL, EVAL_PRECISIONS, QUANTIZATIONS, SELECT_ADAPTER_ON, STAGE_SUMMARIES, STAGES, Settings, positive_int,
+    ALL, AUTO, EVAL_PRECISIONS, QUANTIZATIONS, SELECT_ADAPTER_ON, STAGE_SUMMARIES, STAGES, Settings, positive_int,
 )
 
 
@@ -94,8 +94,10 @@ def _evaluation_flags(p: argparse.ArgumentParser, d: _DefaultText) -> None:
     evaluation.add_argument("--sample-size-eval", type=_size, metavar="N",
                             help="examples of each evaluation set (a seeded subset), or 'all' "
                                  f"(default: {d('sample_size_eval')})")
-    evaluation.add_argument("--eval-batch-size", type=int, metavar="N",
-                            help=f"questions per generation batch (default: {d('eval_batch_size')})")
+    evaluation.add_argument("--eval-batch-size", type=_batch_size, metavar="N|auto",
+                            help="questions per generation and MMLU batch, or 'auto': per batch, the most that fit "
+                                 f"the GPU memory free when the stage starts (16 on a CPU) "
+                                 f"(default: {d('eval_batch_size')})")
     evaluation.add_argument("--max-new-tokens", type=int, metavar="N",
                             help=f"token limit of each generated SQL answer (default: {d('max_new_tokens')})")
     evaluation.add_argument("--eval-precision", choices=EVAL_PRECISIONS,
@@ -173,6 +175,16 @@ def _epilog() -> str:
     return (f"stages, in order:\n{table}\n\n"
             "Defaults are main.py's constants; .env (every key: .env.example) overrides them, and flags override "
             "both. A finished stage is skipped when rerun with the same inputs.")
+
+
+def _batch_size(text: str) -> int | str:
+    """--eval-batch-size: 'auto' or an integer; anything else is left to the settings check (one line naming it)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _size(text: str) -> int | str:

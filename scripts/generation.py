@@ -26,12 +26,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from scripts.auto_batch import AUTO, auto_batch, sorted_batches
 from scripts.gpu_memory import is_out_of_memory, release_memory, split_on_oom
 from scripts.models import keep_last_logits
 from scripts.prompts import end_of_turn, stop_strings
@@ -285,9 +287,8 @@ class StepGraphs:
         """The step for this many rows (rounded up to a power of two) and at least this cache length. Steps of one
         length share the largest one's caches (the smaller ones are views of its first rows) and a graph pool, so a
         batch holds its keys and values once; a batch larger than every kept step starts them anew."""
-        length = -(-length // self.LENGTH_STEP) * self.LENGTH_STEP
-        rows = _power_of_two(rows)
-        if length != self.length or rows > max(self.steps, default=rows):
+        length, rows = self._rounded(length), _power_of_two(rows)
+        if not self._kept_for(rows, length):
             self.clear()
             self.length = length
         if rows not in self.steps:
@@ -304,6 +305,20 @@ class StepGraphs:
                 self.capture = False
                 self.steps[rows] = StaticStep(self.model, rows, length, like, False, base)
         return self.steps[rows]
+
+    def _rounded(self, length: int) -> int:
+        """A cache length rounded up to a multiple of LENGTH_STEP."""
+        return -(-length // self.LENGTH_STEP) * self.LENGTH_STEP
+
+    def _kept_for(self, rows: int, length: int) -> bool:
+        """Whether the kept steps serve a batch of `rows` (a power of two) and this rounded cache length."""
+        return length == self.length and rows <= max(self.steps, default=rows)
+
+    def make_way(self, rows: int, length: int) -> None:
+        """Free the kept steps before a batch of this many rows and cache length that would not use them (step()
+        would free them after its prefill), so that its prefill has their memory."""
+        if self.steps and not self._kept_for(_power_of_two(rows), self._rounded(length)):
+            self.clear()
 
     def clear(self) -> None:
         """Free every step (its caches, graph and pool)."""
@@ -335,13 +350,16 @@ class _GraphedSteps:
         return self.step(self.rows, chosen)[self.rows]
 
 
-def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
-    """Indices of the prompts grouped into batches of similar token length (longest first)."""
+def token_lengths(prompts: Sequence[str], tokenizer) -> list[int]:
+    """The token length of each prompt, as a batch's prefill encodes it."""
     if not prompts:  # every answer already stored (a resumed run), or a process of a launch with no share
         return []
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+def length_sorted_batches(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
+    """Indices of the prompts grouped into batches of similar token length (longest first)."""
+    return sorted_batches(range(len(prompts)), token_lengths(prompts, tokenizer), batch_size)
 
 
 class StopAtText(StoppingCriteria):
@@ -381,7 +399,7 @@ def generate(
     tokenizer,
     prompts: Sequence[str],
     *,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     max_new_tokens: int = 160,
     done: Callable[[list[int], list, float], None] | None = None,
     skip: Iterable[int] = (),
@@ -391,8 +409,9 @@ def generate(
     **generate_kwargs,
 ) -> list:
     """Answers for the prompts (greedy, or with `sampling` a list of n per prompt); `done(indices, answers, seconds)`
-    after each batch. Prompts in `skip` are left as None; roomy_cache=False keeps transformers' concatenating cache
-    in the pruned decoder (the benchmarks' reference); `generate_kwargs` go to `model.generate` (decoder "hf" only)."""
+    after each batch. batch_size="auto" sizes each batch to the GPU memory free now (scripts/auto_batch.py). Prompts
+    in `skip` are left as None; roomy_cache=False keeps transformers' concatenating cache in the pruned decoder (the
+    benchmarks' reference); `generate_kwargs` go to `model.generate` (decoder "hf" only)."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose from {DECODERS}")
     if generate_kwargs and decoder != "hf":
@@ -402,12 +421,15 @@ def generate(
     todo = [i for i in range(len(prompts)) if i not in skip]
     outputs: list = [None] * len(prompts)
     eos, stops = stop_token_ids(tokenizer, model), stop_strings(tokenizer)
-    batches = length_sorted_batches([prompts[i] for i in todo], tokenizer, batch_size)
+    lengths = token_lengths([prompts[i] for i in todo], tokenizer)
+    length_of, repeat = dict(zip(todo, lengths)), sampling.n if sampling else 1
+    batches, planned = _batches(model, lengths, batch_size, max_new_tokens, repeat, decoder)
     graphs = StepGraphs(model) if decoder == "graph" else None
-    limit = batch_size  # prompts per part: once a batch did not fit, later ones start at the size that did
-    for batch in tqdm(batches, desc="generating SQL", unit="batch"):
+    share = Fraction(1)  # of a batch's planned size per part; after a split, later ones start at the share that fitted
+    for batch, size in tqdm(zip(batches, planned), total=len(batches), desc="generating SQL", unit="batch"):
         indices = [todo[i] for i in batch]
         start = time.perf_counter()
+        limit = max(1, int(size * share))  # prompts per part
         fitted: list[int] = []  # sizes of this batch's parts that ran
 
         def run(part: list[int]) -> list:
@@ -417,6 +439,8 @@ def generate(
                 if decoder == "hf":
                     return _generate_hf(model, tokenizer, texts, max_new_tokens, eos, stops, sampling,
                                         **generate_kwargs)
+                if graphs is not None:
+                    graphs.make_way(len(part) * repeat, max(length_of[i] for i in part) + max_new_tokens)
                 return _generate_pruned(model, tokenizer, texts, max_new_tokens, eos, stops, sampling, roomy_cache,
                                         graphs)
 
@@ -436,14 +460,33 @@ def generate(
 
         answers = [a for i in range(0, len(indices), limit)
                    for a in split_on_oom(run, indices[i : i + limit], "answers")]
-        if max(fitted) < min(limit, len(indices)):  # split: the size that fitted is remembered
-            limit = max(fitted)
-            log.info("generating in parts of %d prompts from now on (the size that fitted)", limit)
+        if max(fitted) < min(limit, len(indices)):  # split: the size that fitted is remembered, as a share
+            share = Fraction(max(fitted), size)
+            if batch_size == AUTO:
+                log.info("generating in parts of %s of each estimated batch size from now on (the share that fitted)",
+                         share)
+            else:
+                log.info("generating in parts of %d prompts from now on (the size that fitted)", max(fitted))
         for i, answer in zip(indices, answers):
             outputs[i] = answer
         if done:
             done(indices, answers, time.perf_counter() - start)
     return outputs
+
+
+def _batches(model, lengths: list[int], batch_size: int | str, max_new_tokens: int, repeat: int,
+             decoder: str) -> tuple[list[list[int]], list[int]]:
+    """The batches (positions in `lengths`, longest first) and each one's planned size: batch_size, or with "auto"
+    the most prompts that fit at the batch's longest length (said once in the log)."""
+    if batch_size != AUTO:
+        batches = sorted_batches(range(len(lengths)), lengths, batch_size)
+        return batches, [batch_size] * len(batches)
+    if not lengths:
+        return [], []
+    auto = auto_batch(model, max_new_tokens, repeat, static=decoder == "graph")
+    batches = sorted_batches(range(len(lengths)), lengths, auto.prompts_at)
+    auto.log_choice(max(lengths), min(lengths), len(lengths))
+    return batches, [auto.prompts_at(lengths[batch[0]]) for batch in batches]
 
 
 def _group(texts: list[str], n: int | None) -> list:

@@ -67,6 +67,19 @@ def usable_bytes(device: int | None = None) -> int | None:
     return int(total * min(1.0, fraction))
 
 
+def free_bytes(device: int | torch.device | None = None) -> int | None:
+    """Bytes this process can still allocate on the GPU: the device's free memory and what torch's allocator holds
+    unused, within the per-process cap; None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    index = getattr(device, "index", device)  # a torch.device or an index
+    index = torch.cuda.current_device() if index is None else index
+    free, _ = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    held = torch.cuda.memory_reserved(index) - allocated  # reusable by this process, not free to the device
+    return max(0, min(free + held, usable_bytes(index) - allocated))
+
+
 def gpu_memory_text(device: int | None = None) -> str:
     """One line for messages: the GPU, its memory (and this process's cap, if set) and the peak this process used."""
     if not torch.cuda.is_available():

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from scripts import distributed
+from scripts.auto_batch import AUTO, FIXED_SIZE, auto_batch, sorted_batches
 from scripts.errors import UserError
 from scripts.gpu_memory import split_on_oom
 from scripts.mmlu_data import LETTERS, check_hub_copy, load_mmlu
@@ -109,7 +110,7 @@ def evaluate_mmlu(
     questions: Sequence[dict],
     dev: Sequence[dict],
     k_shot: int = 5,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     *,
     max_length: int | None = None,
     done: Callable[[list[dict]], None] | None = None,
@@ -118,7 +119,8 @@ def evaluate_mmlu(
     """Per question (input order): subject, index, prediction, answer, correct and the 4 log-likelihoods.
 
     `done` receives each finished batch of rows (e.g. to save them as they come); prompts longer than
-    `max_length` (default: the model's context size) are cut from the left, as the harness does. With
+    `max_length` (default: the model's context size) are cut from the left, as the harness does; batch_size="auto"
+    sizes each batch to the GPU memory free when the questions start (scripts/auto_batch.py). With
     `share_prefix`, the header and shots that the questions of a subject share go through the model once, and
     each question's forward starts from their key/value cache.
     """
@@ -167,14 +169,15 @@ def evaluate_mmlu(
                                       [[c[0] for c in requests[i][1]] for i in batch], tokenizer)
 
         lengths = [len(ctx) for ctx, _ in requests]
+        size = _batch_size_at(model, batch_size, lengths)  # after float32_head: its float32 head is held by then
         for prefix, members in groups.items():
             cache = prefix_cache(model, list(prefix))
-            for batch in _length_sorted_batches(members, lengths, batch_size):
+            for batch in _length_sorted_batches(members, lengths, size):
                 finish(batch, split_on_oom(lambda b, p=prefix, c=cache: suffix_scores(p, c, b), batch,
                                            "questions"))
-        for batch in _length_sorted_batches(single, lengths, batch_size):
+        for batch in _length_sorted_batches(single, lengths, size):
             finish(batch, split_on_oom(single_scores, batch, "questions"))
-        for batch in _length_sorted_batches(multi, lengths, max(1, batch_size // len(LETTERS))):
+        for batch in _length_sorted_batches(multi, lengths, _per_letter(size)):
             finish(batch, split_on_oom(multi_scores, batch, "questions"))
     return rows  # type: ignore[return-value]
 
@@ -232,10 +235,30 @@ def _truncate(context: list[int], continuations: list[list[int]], max_length: in
     return context, continuations
 
 
-def _length_sorted_batches(indices: list[int], lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Batches of indices, longest first (so an out-of-memory error shows up at once) with little padding."""
-    ordered = sorted(indices, key=lambda i: -lengths[i])
-    return [ordered[i: i + batch_size] for i in range(0, len(ordered), batch_size)]
+def _length_sorted_batches(indices: list[int], lengths: list[int],
+                           batch_size: int | Callable[[int], int]) -> list[list[int]]:
+    """Batches of indices, longest first (so an out-of-memory error shows up at once) with little padding; a
+    callable batch_size gives the size at the batch's longest length."""
+    return sorted_batches(indices, lengths, batch_size)
+
+
+def _batch_size_at(model, batch_size: int | str, lengths: list[int]) -> int | Callable[[int], int]:
+    """batch_size, or with "auto" the most questions of a given length that fit the GPU memory free now (said
+    once in the log)."""
+    if batch_size != AUTO:
+        return batch_size
+    if not lengths:
+        return FIXED_SIZE
+    auto = auto_batch(model)
+    auto.log_choice(max(lengths), min(lengths), len(lengths), "questions")
+    return auto.prompts_at
+
+
+def _per_letter(size: int | Callable[[int], int]) -> int | Callable[[int], int]:
+    """The batch size of questions scored in full: each takes one row per letter."""
+    if isinstance(size, int):
+        return max(1, size // len(LETTERS))
+    return lambda length: max(1, size(length) // len(LETTERS))
 
 
 def _result_row(question: dict, loglik: list[float]) -> dict:

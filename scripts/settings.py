@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from scripts.auto_batch import AUTO
 from scripts.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ ENV_KEYS = {
 CHECK_KEYS = ("MIN_EX", "MAX_MMLU_DROP", "LIVE_SAMPLE", "LIVE_MIN_AGREEMENT")  # .env keys of scripts/test.py
 LIBRARY_PREFIXES = ("HF_", "TRANSFORMERS_", "TOKENIZERS_", "ACCELERATE_", "CUDA_")  # environment variables of libraries
 SIZES = ("sample_size_eval", "sample_size_train", "mmlu_per_subject")  # a positive integer, or None for all
-INTEGERS = ("mmlu_k_shot", "eval_batch_size", "max_new_tokens", "schema_sample_rows", "seed", "num_candidates")
+INTEGERS = ("mmlu_k_shot", "max_new_tokens", "schema_sample_rows", "seed", "num_candidates")
 FLOATS = ("sql_timeout_s", "vote_temperature", "vote_top_p")
 PATHS = ("spider_zip", "data_dir", "results_dir", "db_path", "path_ft_dataset", "path_databases", "path_mmlu")
 TRAIN_CHAT_NAME = "train_chat.jsonl"  # the pre-processed train set, written under RESULTS_DIR
@@ -70,7 +71,7 @@ class Settings:
     training_configs: list[dict]
     mmlu_per_subject: int | None = 10
     mmlu_k_shot: int = 5
-    eval_batch_size: int = 16
+    eval_batch_size: int | str = 16  # or "auto": per batch, the most that fit the GPU memory free at the stage's start
     max_new_tokens: int = 160
     sql_timeout_s: float = 30.0
     schema_sample_rows: int = 0
@@ -196,12 +197,15 @@ def from_text(name: str, text: str, where: str):
         if name in SIZES:
             return None if text.lower() in ("all", "none", "null") else positive_int(text)
         if name in INTEGERS:
+        if name == "eval_batch_size":
+            return AUTO if text.lower() == AUTO else positive_int(text)
             return int(text)
         if name in FLOATS:
             return float(text)
     except ValueError:
         kind = "a positive integer or 'all'" if name in SIZES else "an integer" if name in INTEGERS else "a number"
         raise UserError(f"{where} is {text!r}, not {kind}; fix that line") from None
+        kind = "a positive integer or 'auto'" if name == "eval_batch_size" else kind
     if name == "training_configs":
         return _read_configs(text, where)
     if name == "path_task_eval_dataset":
@@ -265,10 +269,11 @@ def _validate(s: Settings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UserError(f"{name.upper()} must be an integer >= 0, got {value!r}")
-    for name in ("eval_batch_size", "max_new_tokens"):
-        value = getattr(s, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{name.upper()} must be a positive integer, got {value!r}")
+    batch = s.eval_batch_size
+    if batch != AUTO and (not isinstance(batch, int) or isinstance(batch, bool) or batch <= 0):
+        raise UserError(f"EVAL_BATCH_SIZE (--eval-batch-size) must be a positive integer or 'auto', got {batch!r}")
+    if not isinstance(s.max_new_tokens, int) or isinstance(s.max_new_tokens, bool) or s.max_new_tokens <= 0:
+        raise UserError(f"MAX_NEW_TOKENS must be a positive integer, got {s.max_new_tokens!r}")
     if not isinstance(s.seed, int) or isinstance(s.seed, bool):
         raise UserError(f"SEED must be an integer, got {s.seed!r}")
     timeout = s.sql_timeout_s

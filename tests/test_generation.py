@@ -127,8 +127,8 @@ def test_out_of_memory_beside_kept_static_steps_frees_them_before_splitting(monk
     import scripts.generation as generation
 
     model, tokenizer = ending_model()
-    texts = prompts(tokenizer)
-    expected = generate(model, tokenizer, texts, batch_size=2, max_new_tokens=8, decoder="prune")
+    texts = prompts(tokenizer)[:3] + prompts(tokenizer)[4:]  # two batches of one cache length: the second uses the
+    expected = generate(model, tokenizer, texts, batch_size=2, max_new_tokens=8, decoder="prune")  # first's steps
     real, calls = generation._prefill, []
 
     def tight_gpu(model, tokenizer, batch, *args, **kwargs):
