@@ -7,14 +7,21 @@ default attention with the batch's padding mask); each lever changes one to thre
 on the same STEPS x 16 examples (a batch of 8 takes twice the steps), so the losses compare after the same
 answer tokens (packing excepted: a packed sequence holds several examples). Printed per variant: prompt+answer tokens/s, the ratio to the reference,
 model FLOPs utilisation (6 x parameters x tokens / time / peak bf16 FLOP/s), peak memory, and the loss. A variant
-that runs out of GPU memory or whose gradients turn non-finite is reported as such and the others go on; the
-table is saved after each.
+that runs out of GPU memory, whose gradients turn non-finite or that fails otherwise (e.g. an attention that does not
+load) is reported as such and the others go on; the table is saved after each.
+
+The padding-free variants ("padding_free": each batch's examples in one row with their own position ids, no padding)
+pair with the padding-mask ones, today's pipeline: "padding-free" against "padding mask dropped", and so on. Under
+sdpa and eager the row gets a block-diagonal mask over all its tokens (one attention of the whole row's length);
+flex attention skips the masked blocks. Measure them with
+    python -m bench.bench_training MODEL FT_DATASET.jsonl --steps 30 --only "padding-free,padding mask dropped"
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import tempfile
+import traceback
 from pathlib import Path
 
 from bench import save_json
@@ -52,6 +59,15 @@ LEVERS = {
     "padding mask dropped, no checkpointing, bf16 weights, batch 32": {
         "drop_padding_mask": True, "gradient_checkpointing": False, "quantization": "none",
         "per_device_train_batch_size": 32},
+    # every batch's examples end to end in one row (position ids restart per example): no compute on padding
+    "padding-free": {"padding_free": True},
+    "padding-free, flex attention": {"padding_free": True, "attn_implementation": "flex_attention"},
+    "padding-free, bf16 weights": {"padding_free": True, "quantization": "none"},
+    "padding-free, no checkpointing, bf16 weights": {"padding_free": True, "gradient_checkpointing": False,
+                                                     "quantization": "none"},
+    "padding-free, no checkpointing, bf16 weights, flex attention": {
+        "padding_free": True, "gradient_checkpointing": False, "quantization": "none",
+        "attn_implementation": "flex_attention"},
 }
 QUANTIZATION = "4bit"  # the reference's; a lever may set "quantization" to another value
 REFERENCE_EXAMPLES_PER_STEP = 16
@@ -121,8 +137,11 @@ def train_once(model_id: str, config: dict, data, n_params: int, quantization: s
         s = QLoRATrainer(model_id, folder, quantization=quantization).train(config, data)["summary"]
     except torch.OutOfMemoryError:
         return {"failed": "out of GPU memory", "tokens_per_second": None}
-    except UserError as e:  # the pipeline's stop on non-finite gradients
+    except UserError as e:  # the pipeline's stop on non-finite gradients, or a refused setting
         return {"failed": str(e)[:120], "tokens_per_second": None}
+    except Exception as e:  # noqa: BLE001 - e.g. an attention kernel that does not build here: the next variant runs
+        traceback.print_exc()
+        return {"failed": f"{type(e).__name__}: {str(e)[:100]}", "tokens_per_second": None}
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if torch.cuda.is_available():

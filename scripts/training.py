@@ -20,6 +20,13 @@ Weights that run out of memory as they load stop the run at once (scripts.models
 Mixed precision follows scripts.models.precision(): bf16 on GPUs with native bf16, else fp16 with the LoRA weights
 in float32.
 
+Batches are right-padded, or with "padding_free" (and with "packing", which TRL collates the same way) one row of the
+batch's examples end to end, each with position ids from 0 and no padding mask: transformers' masking_utils reads the
+restarts as example boundaries and gives sdpa, eager and flex attention a block-diagonal mask (flash attention runs
+its varlen kernel), so every example's loss and gradients are those it has alone. A model or attention that would let
+the examples see each other is refused (check_padding_free). tokens/s and tokens_trained count real tokens only
+(prompt and answer, no padding) either way.
+
 Under `accelerate launch` every process loads its own copy of the model (on its GPU) and the Trainer runs
 data-parallel (DDP); the main process alone writes config.json, the adapter and training_log.json, and the
 others wait for them before a later stage reads them.
@@ -44,7 +51,7 @@ from scripts.training_config import TRAINING_DEFAULTS, validate_training_configs
 
 log = logging.getLogger(__name__)
 
-_ADDED_LATER = ("attn_implementation", "drop_padding_mask")
+_ADDED_LATER = ("attn_implementation", "drop_padding_mask", "padding_free")
 
 
 def run_name(base_model_id: str, config: dict, data_fingerprint: str | None) -> str:
@@ -227,6 +234,7 @@ class QLoRATrainer:
         with load_fits(self.base_model_id, choose_quantization(self.quantization)[0]):
             model, tokenizer = self.loader(self.base_model_id, quantization=self.quantization, token=self._token,
                                            for_training=True, **attention)
+        check_padding_free(model, config, run_dir.name)
         tokenizer.padding_side = "right"
         if config["drop_padding_mask"]:
             model.register_forward_pre_hook(_drop_padding_mask, with_kwargs=True)
@@ -285,6 +293,7 @@ class QLoRATrainer:
             "session_seconds": round(session_seconds, 2),
             "tokens_per_second": round(trainer.state.num_input_tokens_seen / seconds, 1) if seconds > 0 else None,
             "tokens_trained": trainer.state.num_input_tokens_seen,
+            "tokens_counted": "non_padding",  # tokens_trained and tokens_per_second: prompt and answer, no padding
             "peak_memory_gb": round(memory_gb, 3),
             "peak_memory_kind": memory_kind,
             "resumed_from": Path(resume).name if resume else None,
@@ -297,7 +306,8 @@ class QLoRATrainer:
             write_json(run_dir / "training_log.json", saved)
         distributed.barrier()  # adapter and log on disk before any process goes on to read them
         log.info(
-            "run %s: loss %s -> %s, %s tokens/s, %.0f s, peak memory %.2f GB (%s), batch %d x %d%s", run_dir.name,
+            "run %s: loss %s -> %s, %s tokens/s (padding excluded), %.0f s, peak memory %.2f GB (%s), batch %d x %d%s",
+            run_dir.name,
             _fmt(summary["loss_start"]), _fmt(summary["loss_end"]), summary["tokens_per_second"], seconds, memory_gb,
             memory_kind, batch["per_device_train_batch_size"], batch["gradient_accumulation_steps"],
             f", resumed from {summary['resumed_from']}" if resume else "",
@@ -390,6 +400,39 @@ def _drop_padding_mask(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
+# attention that keeps a padding-free row's examples apart given only their position ids: masking_utils' mask functions
+# (sdpa, eager, flex) and flash attention's varlen kernels; anything else gets no packed-sequence mask
+PADDING_FREE_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
+                          "flash_attention_4")
+_ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
+_MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask")
+
+
+def padding_free_collator(config: dict) -> bool:
+    """Whether TRL collates this config's batches padding-free: "padding_free", or "packing" (its BFD packing does)."""
+    return config["padding_free"] or config["packing"]
+
+
+def check_padding_free(model, config: dict, run: str) -> None:
+    """A UserError where a padding-free row would let its examples attend to each other (nothing to check otherwise)."""
+    if not padding_free_collator(config):
+        return
+    setting = '"padding_free": true' if config["padding_free"] else '"packing": true'
+    where = f"run {run}: {setting} puts a batch's examples in one row"
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention not in PADDING_FREE_ATTENTION:
+        raise UserError(f"{where}, and {attention!r} attention would let them see each other: set "
+                        f'"attn_implementation" to "sdpa", "eager" or "flex_attention", or leave {setting} out')
+    modeling = sys.modules.get(type(model).__module__)
+    if not any(hasattr(modeling, name) for name in _MASK_BUILDERS):
+        raise UserError(f"{where}, and {type(model).__name__} does not build its attention mask with transformers' "
+                        f"masking_utils, which separates the examples: leave {setting} out for this model")
+    other = sorted(set(getattr(model.config, "layer_types", None) or ()) - _ATTENTION_LAYERS)
+    if other:
+        raise UserError(f"{where}, and its {', '.join(other)} layers carry state from one example into the next: "
+                        f"leave {setting} out for this model")
+
+
 def _sft_config(config: dict, output_dir: Path):
     """TRL SFTConfig from a resolved TRAINING_CONFIGS entry; mixed precision as scripts.models.precision() says."""
     from trl import SFTConfig
@@ -404,13 +447,16 @@ def _sft_config(config: dict, output_dir: Path):
         max_steps=config["max_steps"],
         per_device_train_batch_size=config["per_device_train_batch_size"],
         gradient_accumulation_steps=config["gradient_accumulation_steps"],
-        max_length=config["max_length"],
+        # examples over max_length are dropped before (tokenize_for_training); TRL refuses a max_length it would not
+        # enforce on padding-free batches without packing
+        max_length=None if config["padding_free"] and not config["packing"] else config["max_length"],
         warmup_steps=config["warmup_ratio"],  # transformers 5: a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=config["lr_scheduler_type"],
         seed=config["seed"],
         data_seed=config["seed"],
         gradient_checkpointing=config["gradient_checkpointing"],
         packing=config["packing"],
+        padding_free=config["padding_free"],
         logging_steps=config["logging_steps"],
         logging_first_step=True,
         save_strategy="steps",
@@ -420,7 +466,9 @@ def _sft_config(config: dict, output_dir: Path):
         fp16=chosen.fp16,  # pre-Ampere GPUs: real fp16 mixed precision rather than emulated bf16
         report_to="none",
         ddp_find_unused_parameters=False,  # under accelerate launch: every LoRA weight gets a gradient each step
-        include_num_input_tokens_seen="non_padding",
+        # padded batches: their attention mask's ones; a padding-free row has no padding but may hold pad-token ids
+        # (pad = eos in many tokenizers), which "non_padding" would leave out without its mask
+        include_num_input_tokens_seen="all" if padding_free_collator(config) else "non_padding",
         dataset_num_proc=None,
     )
 

@@ -27,6 +27,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "save_steps": 100,  # checkpoint every N steps (resume point)
     "attn_implementation": "auto",  # "auto" = the model's default (sdpa); "eager" where sdpa's backward gives NaN
     "drop_padding_mask": True,  # right-padded batches run causal attention alone: exact, and sdpa's flash kernel
+    "padding_free": False,  # a batch's examples in one row with their own position ids: no compute on padding
 }
 ATTENTION = ("auto", "eager", "sdpa", "flash_attention_2", "flex_attention")
 _NUMBER, _INT, _BOOL, _STR = "a number", "an integer", "a boolean", "a string"
@@ -35,7 +36,7 @@ _KEY_TYPES = {
     "gradient_accumulation_steps": _INT, "max_length": _INT, "warmup_ratio": _NUMBER, "lr_scheduler_type": _STR,
     "seed": _INT, "gradient_checkpointing": _BOOL, "packing": _BOOL, "lora_r": _INT, "lora_alpha": _NUMBER,
     "lora_dropout": _NUMBER, "logging_steps": _INT, "save_steps": _INT, "attn_implementation": _STR,
-    "drop_padding_mask": _BOOL,
+    "drop_padding_mask": _BOOL, "padding_free": _BOOL,
 }
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": (lambda v: 0 < v < 1, "in (0, 1)"),
