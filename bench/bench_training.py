@@ -11,9 +11,10 @@ that runs out of GPU memory, whose gradients turn non-finite or that fails other
 load) is reported as such and the others go on; the table is saved after each.
 
 The padding-free variants ("padding_free": each batch's examples in one row with their own position ids, no padding)
-pair with the padding-mask ones, today's pipeline: "padding-free" against "padding mask dropped", and so on. Under
-sdpa and eager the row gets a block-diagonal mask over all its tokens (one attention of the whole row's length);
-flex attention skips the masked blocks. Measure them with
+pair with the padding-mask ones, today's pipeline: "padding-free" against "padding mask dropped", "padding-free, bf16
+weights" against "padding mask dropped, bf16 weights", and so on; being the same computation, a pair's losses agree
+up to bf16 rounding. Under sdpa and eager the row gets one block-diagonal mask over all its tokens (attention as long
+as the whole row); flex attention skips the masked blocks. Measure them with
     python -m bench.bench_training MODEL FT_DATASET.jsonl --steps 30 --only "padding-free,padding mask dropped"
 """
 from __future__ import annotations

@@ -431,6 +431,10 @@ def check_padding_free(model, config: dict, run: str) -> None:
     if other:
         raise UserError(f"{where}, and its {', '.join(other)} layers carry state from one example into the next: "
                         f"leave {setting} out for this model")
+    if attention in ("sdpa", "eager"):
+        log.info("run %s: %s under %s attention: one block-diagonal mask over the whole row, so attention costs grow "
+                 "with the batch's total length (flex_attention or flash attention skip the masked blocks)", run,
+                 setting, attention)
 
 
 def _sft_config(config: dict, output_dir: Path):

@@ -1,4 +1,4 @@
-"""padding_free: a batch's examples in one row train exactly as each alone; the pipeline runs it and counts real tokens."""
+"""padding_free: a batch's examples in one row train as each alone; the pipeline runs it and counts real tokens."""
 import json
 
 import pytest
@@ -49,13 +49,16 @@ def three_examples(tokenizer) -> Dataset:
     return data
 
 
-def padding_free_trainer(model, tokenizer, data: Dataset, tmp_path):
+def padding_free_trainer(model, tokenizer, data: Dataset, tmp_path, checkpointing: bool = False):
     """The pipeline's SFTTrainer for padding_free (no LoRA dropout), with every LoRA weight random (B too)."""
     from trl import SFTTrainer
 
-    cfg = config(padding_free=True, lora_dropout=0.0)
+    cfg = config(padding_free=True, lora_dropout=0.0, gradient_checkpointing=checkpointing)
     trainer = SFTTrainer(model=model, args=_sft_config(cfg, tmp_path), train_dataset=data, processing_class=tokenizer,
                          peft_config=_lora_config(cfg))
+    if checkpointing:  # as Trainer.train turns it on
+        trainer.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
     torch.manual_seed(1)
     for name, parameter in trainer.model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero, which would leave A's gradients zero
@@ -71,15 +74,16 @@ def loss_and_grads(trainer, batches: list[dict], answer_tokens: int) -> tuple[to
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("arch,attention", [("llama", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"),
-                                            ("qwen2", "sdpa"), ("qwen2", "eager")])
-def test_a_packed_row_gives_each_example_its_loss_and_gradients_alone(arch, attention, tmp_path):
+@pytest.mark.parametrize("arch,attention,checkpointing", [
+    ("llama", "sdpa", False), ("llama", "eager", False), ("llama", "sdpa", True), ("mistral", "sdpa", False),
+    ("qwen2", "sdpa", False), ("qwen2", "eager", False)])
+def test_a_packed_row_gives_each_example_its_loss_and_gradients_alone(arch, attention, checkpointing, tmp_path):
     """Collated by the trainer's own collator and run through its compute_loss: packed == alone == right-padded."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     tokenizer = build_tokenizer("chatml")
     data = three_examples(tokenizer)
-    trainer = padding_free_trainer(tiny_model(arch, tokenizer, attention), tokenizer, data, tmp_path)
+    trainer = padding_free_trainer(tiny_model(arch, tokenizer, attention), tokenizer, data, tmp_path, checkpointing)
     examples = [trainer.train_dataset[i] for i in range(3)]
     answer_tokens = sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
     packed = trainer.data_collator(examples)
@@ -122,6 +126,10 @@ def test_padding_free_trains_saves_the_adapter_and_counts_the_same_real_tokens(t
     assert summary["loss_start"] == pytest.approx(padded["summary"]["loss_start"], rel=1e-4)  # the same first step
     saved = json.loads((tmp_path / free["run_name"] / "config.json").read_text())
     assert saved["training"]["padding_free"] is True
+    # TRL's packing collates padding-free too: the 4 examples fit one packed sequence, so each step sees them all
+    packed = QLoRATrainer("tiny/chatml", tmp_path, quantization="none", loader=TinyLoader()).train(
+        config(max_steps=3, packing=True), rows, "data")
+    assert packed["summary"]["tokens_trained"] == 3 * sum(lengths)
 
 
 def test_padding_free_reaches_the_collator_and_keeps_max_length_checked_upstream(tmp_path):
