@@ -148,10 +148,16 @@ class AutoBatch:
                  "at most %d)", sizes, what, self.free / GIB, each / GIB, what.rstrip("s"), longest, MAX_PROMPTS)
 
 
+def _cuda_device(model):
+    """The model's CUDA device, or None when it runs elsewhere."""
+    device = getattr(model, "device", None)
+    return device if getattr(device, "type", None) == "cuda" else None
+
+
 def auto_batch(model, new_tokens: int = 0, candidates: int = 1, static: bool = False) -> AutoBatch:
     """The AutoBatch of a stage about to run on `model` (its GPU's free memory read now)."""
-    device = getattr(model, "device", None)
-    if getattr(device, "type", None) != "cuda":
+    device = _cuda_device(model)
+    if device is None:
         return AutoBatch()
     shape = model_shape(model)
     if shape is None:
