@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 import scripts.distributed
 import scripts.export
 import scripts.models
-from scripts.export import export_dir, export_stage
+from scripts.export import export_dir, export_stage, merge_precision
 from scripts.models import ModelCache, load_for_evaluation
 from scripts.prompts import render
 from scripts.run_state import StageCache
@@ -23,12 +23,15 @@ QUESTIONS = ["How many books are there?", "What is the title of the longest book
 
 PLAIN_GENERATE = textwrap.dedent("""
     import json, sys
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, prompts = sys.argv[1], json.loads(sys.argv[2])
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the pipeline's model is
+    model = model.to(device)
     texts = []
     for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
         out = model.generate(**enc)  # the folder's generation_config.json: greedy, the pipeline's stops and length
         texts.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     print(json.dumps({"texts": texts, "dtype": str(model.dtype), "modules": sorted(m for m in sys.modules
@@ -68,12 +71,12 @@ def test_the_export_loads_with_plain_transformers_and_answers_as_the_merged_pipe
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     plain = json.loads(done.stdout.splitlines()[-1])
-    assert plain["modules"] == [] and plain["dtype"] == "torch.float32"
+    assert plain["modules"] == [] and plain["dtype"] == str(merged.dtype)  # float32 on CPU, bf16 on most GPUs
     assert plain["texts"] == pipeline
 
     weights = load_file(out / "model.safetensors")
     assert weights.keys() == merged.state_dict().keys()
-    assert all(torch.equal(weights[k], v) for k, v in merged.state_dict().items())
+    assert all(torch.equal(weights[k], v.cpu()) for k, v in merged.state_dict().items())
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == stop_token_ids(tokenizer, merged) and generation["do_sample"] is False
     assert generation["max_new_tokens"] == settings.max_new_tokens
@@ -137,7 +140,8 @@ def test_an_interrupted_export_leaves_the_previous_folder_whole_and_the_next_run
 def test_the_model_card_holds_the_runs_figures(tmp_path):
     settings, results, out = export_tiny_run(tmp_path)
     card = (out / "README.md").read_text()
-    assert f"merged into `{settings.base_model_id}`" in card and "plain LoRA" in card and "float32" in card
+    assert f"merged into `{settings.base_model_id}`" in card and "plain LoRA" in card
+    assert f"in {merge_precision(settings)[1]}. Exported" in card  # float32 on CPU
     assert "| EX `spider_dev`, greedy (n = 10) | 10.0 % | 60.0 % |" in card
     assert "| EX `spider_dev`, voted (4 candidates) | 20.0 % | 70.0 % |" in card
     assert "| MMLU (n = 9) | 30.0 % | 22.2 % |" in card
