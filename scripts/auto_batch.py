@@ -1,20 +1,23 @@
 """EVAL_BATCH_SIZE=auto: per batch, the most prompts that fit the GPU memory free when the stage began.
 
 A batch of n prompts left-padded to `length` tokens, each decoding `candidates` rows of up to `new_tokens` tokens
-(rows = n x candidates), is estimated to take
+(rows = n x candidates), is estimated to take the larger of its two phases:
 
-    n x length x kv                              the prefill's key/value cache
-  + rows x (length + new_tokens) x kv            the decoding cache (none for MMLU's single forward); for the graph
-                                                 decoder, rows up to a power of two and positions up to a multiple
-                                                 of 128, as its static caches are
-  + n x length x (3 x intermediate + 4 x hidden) x dtype bytes      the prefill's MLP and hidden states
-  + n x attention(length)                        eager: heads x length^2 x (dtype bytes + 4); else the mask, length^2
-  + rows x vocab x 8                             the last position's logits and their float32 softmax
+  prefill   n x length x kv                                    the prefill's key/value cache
+          + n x length x (3 x intermediate + 4 x hidden) x dtype bytes    the MLP's and hidden states of one layer
+          + n x attention(length)              eager: heads x length^2 x (dtype bytes + 4); else the mask, length^2
+  decoding  n x length x kv                                    the prefill's cache, still held while it is copied
+          + rows x (length + new_tokens) x kv  the decoding cache (none for MMLU's single forward); for the graph
+                                               decoder, rows up to a power of two and positions up to a multiple of
+                                               128, as its static caches are
+          + rows x vocab x 8                   the last position's logits and their float32 softmax
 
-with kv = layers x kv heads x head dim x 2 (keys and values) x dtype bytes, read from the model's config. The
-phases do not all coexist, so the sum errs on the safe side; a batch may take (1 - HEADROOM) of the memory free
-when the stage began (the device's free memory, what torch's allocator holds unused, within the per-process cap).
-Off the GPU, or for a config without layer sizes, auto is a fixed size. Importing this module loads no torch.
+with kv = layers x kv heads x head dim x 2 (keys and values) x dtype bytes, read from the model's config. For
+Qwen2.5-Coder-0.5B voting over 1024 prompts of up to 919 tokens (8,192 rows) that is 128 GiB; that batch's measured
+peak was 123 GiB with the weights (docs/RESULTS.md, section 25). A batch may take (1 - HEADROOM) of the memory free
+when the stage began (the device's free memory, what torch's allocator holds unused, within the per-process cap),
+and at most MAX_PROMPTS prompts and MAX_ROWS rows. Off the GPU, or for a config without layer sizes, auto is a fixed
+size. Importing this module loads no torch.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 FIXED_SIZE = 16  # prompts per batch for auto off the GPU (main.py's default)
 MAX_PROMPTS = 1024  # the largest batch measured on one H200 (docs/RESULTS.md, sections 23 and 25)
+MAX_ROWS = 2048  # voting: 256 prompts x 8 candidates took 49.8 s there, 1024 x 8 took 60.3 s (section 25)
 HEADROOM = 0.15  # of the free memory, left for workspaces, CUDA graph pools and fragmentation
 LENGTH_STEP = 128  # the graph decoder's cache lengths are multiples of it (scripts/generation.py: StepGraphs)
 GIB = 1024 ** 3
@@ -92,19 +96,31 @@ def _power_of_two(n: int) -> int:
 
 def batch_bytes(shape: ModelShape, prompts: int, length: int, new_tokens: int = 0, candidates: int = 1,
                 static: bool = False, eager: bool = False) -> int:
-    """The estimated memory of one batch (the module's formula)."""
-    rows = prompts * candidates
-    prefill_cache = prompts * length * shape.kv_bytes
-    decoding_cache = 0
-    if new_tokens:
-        positions = length + new_tokens
-        if static:
-            rows, positions = _power_of_two(rows), -(-positions // LENGTH_STEP) * LENGTH_STEP
-        decoding_cache = rows * positions * shape.kv_bytes
+    """The estimated memory of one batch: the larger of its prefill and its decoding (the module's formula)."""
+    return max(prefill_bytes(shape, prompts, length, eager),
+               decoding_bytes(shape, prompts, length, new_tokens, candidates, static))
+
+
+def prefill_bytes(shape: ModelShape, prompts: int, length: int, eager: bool = False) -> int:
+    """The prefill's estimated memory: its cache, one layer's MLP and hidden states, and the attention's scores or
+    mask."""
     hidden_states = prompts * length * (3 * shape.intermediate + 4 * shape.hidden) * shape.dtype_bytes
     attention = prompts * length ** 2 * (shape.heads * (shape.dtype_bytes + 4) if eager else 1)
-    logits = prompts * candidates * shape.vocab * 8
-    return prefill_cache + decoding_cache + hidden_states + attention + logits
+    return prompts * length * shape.kv_bytes + hidden_states + attention
+
+
+def decoding_bytes(shape: ModelShape, prompts: int, length: int, new_tokens: int = 0, candidates: int = 1,
+                   static: bool = False) -> int:
+    """The decoding's estimated memory: the prefill's cache, the decoding cache (static: at its rounded size) and
+    the last logits of every row."""
+    rows = prompts * candidates
+    decoding_cache = 0
+    if new_tokens:
+        cache_rows, positions = rows, length + new_tokens
+        if static:
+            cache_rows, positions = _power_of_two(rows), -(-positions // LENGTH_STEP) * LENGTH_STEP
+        decoding_cache = cache_rows * positions * shape.kv_bytes
+    return prompts * length * shape.kv_bytes + decoding_cache + rows * shape.vocab * 8
 
 
 @dataclass(frozen=True)
@@ -125,12 +141,18 @@ class AutoBatch:
         """The estimated memory of a batch of this many prompts of this padded length."""
         return batch_bytes(self.shape, prompts, length, self.new_tokens, self.candidates, self.static, self.eager)
 
+    @property
+    def most_prompts(self) -> int:
+        """MAX_PROMPTS, or fewer where their rows would pass MAX_ROWS."""
+        return max(1, min(MAX_PROMPTS, MAX_ROWS // self.candidates))
+
     def prompts_at(self, length: int) -> int:
-        """The most prompts of this padded length whose batch fits the budget, in [1, MAX_PROMPTS]."""
+        """The most prompts of this padded length whose batch fits the budget, in [1, MAX_PROMPTS], with at most
+        MAX_ROWS rows."""
         if self.budget is None:
             return FIXED_SIZE
-        low, high = 1, MAX_PROMPTS  # the estimate grows with the prompts: the largest that fits, by bisection
-        while low < high:
+        low, high = 1, self.most_prompts
+        while low < high:  # the estimate grows with the prompts: the largest that fits, by bisection
             middle = (low + high + 1) // 2
             low, high = (middle, high) if self.bytes_for(middle, length) <= self.budget else (low, middle - 1)
         return low
@@ -145,7 +167,7 @@ class AutoBatch:
             return
         each = self.bytes_for(least, longest) / least
         log.info("EVAL_BATCH_SIZE auto: %s %s per batch (free %.1f GiB, ~%.2f GiB per %s of the longest, %d tokens; "
-                 "at most %d)", sizes, what, self.free / GIB, each / GIB, what.rstrip("s"), longest, MAX_PROMPTS)
+                 "at most %d)", sizes, what, self.free / GIB, each / GIB, what.rstrip("s"), longest, self.most_prompts)
 
 
 def _cuda_device(model):
