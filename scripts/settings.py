@@ -196,16 +196,16 @@ def from_text(name: str, text: str, where: str):
     try:
         if name in SIZES:
             return None if text.lower() in ("all", "none", "null") else positive_int(text)
-        if name in INTEGERS:
         if name == "eval_batch_size":
             return AUTO if text.lower() == AUTO else positive_int(text)
+        if name in INTEGERS:
             return int(text)
         if name in FLOATS:
             return float(text)
     except ValueError:
         kind = "a positive integer or 'all'" if name in SIZES else "an integer" if name in INTEGERS else "a number"
-        raise UserError(f"{where} is {text!r}, not {kind}; fix that line") from None
         kind = "a positive integer or 'auto'" if name == "eval_batch_size" else kind
+        raise UserError(f"{where} is {text!r}, not {kind}; fix that line") from None
     if name == "training_configs":
         return _read_configs(text, where)
     if name == "path_task_eval_dataset":
