@@ -77,7 +77,7 @@ def config_defaults() -> dict:
 def run(s: Settings) -> dict:
     """The whole pipeline, stage by stage; a stage left out of --stages reuses its saved result if any."""
     # the stages bring torch and transformers (seconds to import): loaded here, so --help and a bad flag answer at once
-    from scripts import evaluate, mmlu, pre_proc, regression, report, spider_data, training, training_config
+    from scripts import evaluate, export, mmlu, pre_proc, regression, report, spider_data, training, training_config
     from scripts.cpu_threads import set_cpu_threads
     from scripts.model_source import check_model_source
     from scripts.models import ModelCache
@@ -102,8 +102,10 @@ def run(s: Settings) -> dict:
         best = evaluate.best_adapter(tuned_ex, eval_sets, s.select_adapter_on)  # on the first set, greedy or voted EX
         tuned_mmlu = mmlu.mmlu_stage("mmlu_best", s, cache, store, models, adapter=best)  # 6. MMLU of the best
         analysis = regression.regression_stage(s, cache, baseline_mmlu, tuned_mmlu)  # 6. regression analysis
-        return report.report_stage(s, eval_sets, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu,
-                                   analysis)
+        results = report.report_stage(s, eval_sets, baseline_ex, baseline_mmlu, adapters, tuned_ex, best, tuned_mmlu,
+                                      analysis)
+        export.export_stage(s, cache, models, results)  # 7. the best adapter merged into its base: RESULTS_DIR/export
+        return results
 
 
 def main(argv: list[str] | None = None) -> int:

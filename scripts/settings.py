@@ -28,6 +28,7 @@ STAGE_SUMMARIES = {  # the stages in pipeline order, as --help lists them
     "mmlu_best": "the best adapter's MMLU accuracy",
     "regression": "MMLU before and after, a paired test",
     "report": "results.json, report.md and the plots",
+    "export": "the best adapter merged into the base model, with a model card",
 }
 STAGES = tuple(STAGE_SUMMARIES)
 QUANTIZATIONS = ("auto", "4bit", "none")

@@ -21,6 +21,7 @@ import pytest
 import main
 import scripts.answers
 import scripts.evaluate
+import scripts.export
 import scripts.mmlu
 import scripts.models
 from scripts.demo_data import build_demo_data
@@ -69,18 +70,29 @@ class Probe:
     """
 
     def __init__(self, monkeypatch, interrupt: str | None = None) -> None:
-        self.loads: list[dict] = []  # {"adapter", "for_training"} per model load
+        self.loads: list[dict] = []  # {"adapter", "for_training", "export"} per model load
+        self.exports = 0  # merges of the export stage (each loads the base model and merges the adapter in)
+        self.exporting = False  # while the export stage merges: its load is not counted as a base-model load
         self.generated = 0  # SQL answers generated
         self.generated_by_adapter = 0
         self.mmlu_scored = 0  # MMLU questions scored
         self.interrupt = interrupt
-        real_load, real_generate, real_score, real_mmlu = (
+        real_load, real_generate, real_score, real_mmlu, real_merge = (
             scripts.models.load_model_and_tokenizer, scripts.answers.generate, scripts.evaluate.score,
-            scripts.mmlu.evaluate_mmlu)
+            scripts.mmlu.evaluate_mmlu, scripts.export.merged_model)
 
         def load(model_id, **kwargs):
-            self.loads.append({"adapter": kwargs.get("adapter"), "for_training": kwargs.get("for_training", False)})
+            self.loads.append({"adapter": kwargs.get("adapter"), "for_training": kwargs.get("for_training", False),
+                               "export": self.exporting})
             return real_load(model_id, **kwargs)
+
+        def merged_model(*args, **kwargs):
+            self.exports += 1
+            self.exporting = True
+            try:
+                return real_merge(*args, **kwargs)
+            finally:
+                self.exporting = False
 
         def generate(model, tokenizer, prompts, *, done=None, **kwargs):
             with_adapter = hasattr(model, "peft_config")
@@ -112,6 +124,7 @@ class Probe:
         monkeypatch.setattr(scripts.answers, "generate", generate)
         monkeypatch.setattr(scripts.evaluate, "score", score)
         monkeypatch.setattr(scripts.mmlu, "evaluate_mmlu", evaluate_mmlu)
+        monkeypatch.setattr(scripts.export, "merged_model", merged_model)
 
     @property
     def training_loads(self) -> int:
@@ -119,7 +132,7 @@ class Probe:
 
     @property
     def base_loads(self) -> int:
-        return sum(not load["for_training"] and load["adapter"] is None for load in self.loads)
+        return sum(not load["for_training"] and load["adapter"] is None and not load["export"] for load in self.loads)
 
 
 def run_main(root, inputs, monkeypatch, *extra: str, interrupt: str | None = None) -> tuple[int, Probe]:
@@ -202,8 +215,9 @@ def test_full_run_writes_report_results_store_adapters_and_plots(full_run):
     out = root / "results"
 
     # every stage ran once: one base-model load shared by the baseline stages and pre-processing, one load per
-    # training run, one per adapter evaluation; every dev example generated 3 times; MMLU for base and best
-    assert probe.base_loads == 1 and probe.training_loads == 2
+    # training run, one per adapter evaluation, one for the export's merge; every dev example generated 3 times; MMLU
+    # for base and best
+    assert probe.base_loads == 1 and probe.training_loads == 2 and probe.exports == 1
     assert probe.generated == 3 * N_EVAL and probe.generated_by_adapter == 2 * N_EVAL
     assert probe.mmlu_scored == 2 * N_MMLU
 
@@ -287,6 +301,26 @@ def test_post_run_check_reads_the_store_and_regenerates_the_best_adapters_answer
     assert done.returncode == 0 and "2 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def test_the_export_is_the_best_adapter_merged_with_the_runs_figures_on_its_card(full_run):
+    """RESULTS_DIR/export: a folder plain transformers loads, the best adapter beside it, results.json's figures."""
+    from transformers import AutoModelForCausalLM
+
+    results, out = full_run["results"], full_run["root"] / "results" / "export"
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    best = next(run for run in results["runs"].values() if run["adapter_dir"] == results["best_adapter"])
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (Path(results["best_adapter"]) / "adapter_model.safetensors").read_bytes()
+    card = (out / "README.md").read_text()
+    base_ex, base_mmlu = results["baseline"]["ex"], results["baseline"]["mmlu"]
+    assert (f"| EX `spider_dev`, greedy (n = {N_EVAL}) | {100 * base_ex['ex']:.1f} % | {100 * best['ex']['ex']:.1f} % |"
+            in card)
+    assert (f"| MMLU (n = {N_MMLU}) | {100 * base_mmlu['accuracy']:.1f} % | "
+            f"{100 * results['best_mmlu']['accuracy']:.1f} % |" in card)
+    assert results["regression"]["verdict"] in card and json.dumps(best["config"]["learning_rate"]) in card
+    saved = json.loads((full_run["root"] / "results" / "stages" / "export.json").read_text())["result"]
+    assert saved["adapter"] == results["best_adapter"] and saved["folder"] == str(out)
+
+
 def test_rerun_redoes_nothing_retraining_redoes_what_depends_on_it_and_force_redoes_everything(
         full_run, inputs, monkeypatch):
     root = full_run["root"]
@@ -300,7 +334,7 @@ def test_rerun_redoes_nothing_retraining_redoes_what_depends_on_it_and_force_red
     first = stamps()
     status, probe = run_main(root, inputs, monkeypatch)
     assert status == 0
-    assert probe.loads == [] and probe.generated == 0 and probe.mmlu_scored == 0
+    assert probe.loads == [] and probe.exports == 0 and probe.generated == 0 and probe.mmlu_scored == 0
     assert store_dump(root) == full_run["store"]  # not a row added or rewritten
     assert stamps() == first  # no adapter retrained
     assert comparable(root) == full_run["comparable"]
@@ -317,6 +351,7 @@ def test_rerun_redoes_nothing_retraining_redoes_what_depends_on_it_and_force_red
     status, probe = run_main(root, inputs, monkeypatch)
     assert status == 0
     assert probe.base_loads == 0 and probe.training_loads == 0
+    assert probe.exports == 1  # the best adapter's new weights, exported again
     assert probe.generated == probe.generated_by_adapter == 2 * N_EVAL
     assert probe.mmlu_scored == N_MMLU  # the best adapter's new weights, not its old stored answers
     assert stamps() == retrained
@@ -325,7 +360,7 @@ def test_rerun_redoes_nothing_retraining_redoes_what_depends_on_it_and_force_red
     # --force: every stage again, every answer generated again
     status, probe = run_main(root, inputs, monkeypatch, "--force")
     assert status == 0
-    assert probe.base_loads == 1 and probe.training_loads == 2
+    assert probe.base_loads == 1 and probe.training_loads == 2 and probe.exports == 1
     assert probe.generated == 3 * N_EVAL and probe.mmlu_scored == 2 * N_MMLU
     assert all(a != b for a, b in zip(stamps(), retrained))
     assert comparable(root) == full_run["comparable"]
@@ -362,6 +397,7 @@ def test_interrupted_run_resumes_where_it_stopped(full_run, inputs, tmp_path, mo
     status, probe = run_main(tmp_path, inputs, monkeypatch)
     assert status == 0
     assert probe.training_loads == 0 and probe.base_loads == 0  # trained runs and base-model stages not redone
+    assert probe.exports == 1  # the interrupted run stopped before the export
     assert probe.generated == probe.generated_by_adapter == 2 * N_EVAL - stored_before_stop  # only what was missing
     assert probe.mmlu_scored == N_MMLU  # the best adapter's MMLU, nothing of the baseline
     assert comparable(tmp_path) == full_run["comparable"]  # the uninterrupted run's results
