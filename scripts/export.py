@@ -106,7 +106,8 @@ def write_export(settings, models, model_id: str, best: str, results: dict, out:
                "prompt_style": _prompt_style(tokenizer), **prompt_settings(settings)}
     (partial / SETTINGS_NAME).write_text(json.dumps(details, indent=1) + "\n")
     date = datetime.now(timezone.utc).date().isoformat()
-    (partial / CARD_NAME).write_text(model_card(results, date, *merge_precision(settings)))
+    sentencepiece = (partial / "tokenizer.model").is_file() and not (partial / "tokenizer.json").is_file()
+    (partial / CARD_NAME).write_text(model_card(results, date, *merge_precision(settings), sentencepiece))
     replace_folder(partial, out)
     log.info("export: %s (load it with AutoModelForCausalLM.from_pretrained; ask it: python -m scripts.ask)", out)
     return {"folder": str(out), "adapter": str(best), "dtype": str(model.dtype).replace("torch.", ""), "date": date}
@@ -172,9 +173,9 @@ def _best_run(results: dict) -> tuple[str, dict]:
     return next((name, run) for name, run in results["runs"].items() if run["adapter_dir"] == results["best_adapter"])
 
 
-def model_card(results: dict, date: str, quantization: str, dtype: str) -> str:
+def model_card(results: dict, date: str, quantization: str, dtype: str, sentencepiece: bool = False) -> str:
     """README.md of the export: base model, how it was merged (quantization trained on, dtype), data, training
-    config, EX and MMLU before and after, the date."""
+    config, EX and MMLU before and after, the date; `sentencepiece`: its tokenizer is a tokenizer.model alone."""
     s = results["settings"]
     name, run = _best_run(results)
     base = s["base_model_id"]
@@ -186,7 +187,8 @@ def model_card(results: dict, date: str, quantization: str, dtype: str) -> str:
              + (" (a GGUF file: merged into its dequantized weights)" if base.endswith(".gguf") else "")
              + f", {_merged_how(quantization, dtype)}. Exported {date or '-'} by text2sql-qlora "
              "(`python main.py`, stage export).", "",
-             *_data_lines(results, run), *_result_lines(results, run), *_training_lines(name, run), *_usage_lines()]
+             *_data_lines(results, run), *_result_lines(results, run), *_training_lines(name, run),
+             *_usage_lines(sentencepiece)]
     return "\n".join(lines) + "\n"
 
 
@@ -203,12 +205,13 @@ def _data_lines(results: dict, run: dict) -> list[str]:
     s = results["settings"]
     train = s.get("path_ft_dataset") or ("the bundled demo's train set" if s.get("demo") else "Spider train")
     examples = (run.get("training") or {}).get("examples")
-    lines = ["## Data", "",
-             f"- train: {train}, sample {s.get('sample_size_train') or 'all'}"
-             + (f" ({examples} examples after pre-processing)" if examples else "")]
+    sample = f"sample {s['sample_size_train']}" if s.get("sample_size_train") else "every example"
+    lines = ["## Data", "", f"- train: {train}, {sample}" + (f" ({examples} after pre-processing)" if examples else "")]
     for d in results.get("eval_sets", []):
         lines.append(f"- evaluation: `{d['name']}` ({d['source']}), {d['examples']} examples")
-    lines.append(f"- MMLU: {s.get('mmlu_k_shot')}-shot, {s.get('mmlu_per_subject') or 'all'} questions per subject")
+    per_subject = s.get("mmlu_per_subject")
+    lines.append(f"- MMLU: {s.get('mmlu_k_shot')}-shot, "
+                 + (f"{per_subject} questions per subject" if per_subject else "every question"))
     return lines + [""]
 
 
@@ -247,8 +250,12 @@ def _training_lines(name: str, run: dict) -> list[str]:
             json.dumps(run.get("config") or {}, indent=1, sort_keys=True), "```", ""]
 
 
-def _usage_lines() -> list[str]:
+def _usage_lines(sentencepiece: bool) -> list[str]:
     """How to use the folder, with or without this project."""
+    tokenizer = ["The tokenizer is sentencepiece's tokenizer.model alone (as OpenLLaMA's): read it with the "
+                 "sentencepiece package, as scripts/sentencepiece_tokenizer.py does; AutoTokenizer would convert it "
+                 "into a fast tokenizer, which needs protobuf and which OpenLLaMA's authors advise against.",
+                 ""] if sentencepiece else []
     return ["## Use", "",
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -260,4 +267,4 @@ def _usage_lines() -> list[str]:
             "answer. With this project: `python -m scripts.ask \"QUESTION\" --db DATABASE.sqlite --model FOLDER`. "
             "`adapter/` is the LoRA adapter alone, for a copy of the base model you already have (an adapter "
             "trained in 4-bit is best loaded on the base model in 4-bit NF4, as trained). The folder loads in any "
-            "server that reads a Hugging Face model folder.", ""]
+            "server that reads a Hugging Face model folder.", "", *tokenizer]

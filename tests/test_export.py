@@ -163,3 +163,21 @@ def test_only_the_main_process_exports_and_only_when_asked(tmp_path, monkeypatch
     settings.stages = ("export",)
     assert stage(settings, {**results, "best_adapter": None}) is None and "no trained adapter" in caplog.text
     assert loads == [] and not export_dir(settings.results_dir).exists()
+
+
+def test_a_sentencepiece_tokenizer_is_exported_as_it_is_and_the_card_says_how_to_read_it(tmp_path):
+    """OpenLLaMA's layout (tokenizer.model alone): the export keeps it, the project's loader reads it back as it read
+    the base model's, and the card says how to read it without the project."""
+    from transformers import AutoModelForCausalLM
+
+    from scripts.models import load_model_and_tokenizer, load_tokenizer
+
+    settings, _, out = export_tiny_run(tmp_path, sentencepiece=True)
+    assert (out / "tokenizer.model").read_bytes() == (tmp_path / "model" / "tokenizer.model").read_bytes()
+    assert not (out / "tokenizer.json").exists()
+    assert "read it with the sentencepiece package" in (out / "README.md").read_text()
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    _, tokenizer = load_model_and_tokenizer(str(out), quantization="none")
+    prompt = render(tokenizer, SCHEMA, QUESTIONS[0])[0]
+    base = load_tokenizer(settings.base_model_id)
+    assert type(tokenizer) is type(base) and tokenizer(prompt)["input_ids"] == base(prompt)["input_ids"]

@@ -7,16 +7,18 @@ from pathlib import Path
 import torch
 
 from scripts.settings import STAGES, Settings
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import save_tiny_model, save_tiny_sentencepiece_model
 
 RUN_NAME = "run_a"
 TRAINING_CONFIG = {"learning_rate": 1e-2, "max_steps": 3, "per_device_train_batch_size": 2}
 
 
 def save_tiny_adapter(folder: Path, model_dir: Path, seed: int = 1) -> Path:
-    """A LoRA adapter on the tiny model with random (non-zero) weights, saved with its tokenizer as training saves it."""
+    """A LoRA adapter on the tiny model with random (non-zero) weights, saved with its tokenizer as training does."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from scripts.models import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
@@ -27,7 +29,7 @@ def save_tiny_adapter(folder: Path, model_dir: Path, seed: int = 1) -> Path:
             if "lora_" in name:
                 weight.normal_(0.0, 0.5)
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+    load_tokenizer(str(model_dir)).save_pretrained(folder)
     return Path(folder)
 
 
@@ -61,20 +63,22 @@ def tiny_results(settings: Settings, adapter: Path) -> dict:
     }
 
 
-def tiny_run(root: Path) -> tuple[Settings, dict]:
-    """(settings, results) of a finished tiny run under root: base model, best adapter, results."""
-    model_dir = save_tiny_model(root / "model", kind="chatml")
+def tiny_run(root: Path, sentencepiece: bool = False) -> tuple[Settings, dict]:
+    """(settings, results) of a finished tiny run under root: base model (a chat model, or with `sentencepiece` a
+    base model with OpenLLaMA's tokenizer layout), best adapter, results."""
+    model_dir = (save_tiny_sentencepiece_model(root / "model")[0] if sentencepiece
+                 else save_tiny_model(root / "model", kind="chatml"))
     adapter = save_tiny_adapter(root / "results" / RUN_NAME / "adapter", model_dir)
     settings = tiny_settings(root, model_dir)
     return settings, tiny_results(settings, adapter)
 
 
-def export_tiny_run(root: Path) -> tuple[Settings, dict, Path]:
-    """(settings, results, export folder): a tiny run, exported."""
+def export_tiny_run(root: Path, sentencepiece: bool = False) -> tuple[Settings, dict, Path]:
+    """(settings, results, export folder): a tiny run (see tiny_run), exported."""
     from scripts.export import export_dir, export_stage
     from scripts.models import ModelCache
     from scripts.run_state import StageCache
 
-    settings, results = tiny_run(root)
+    settings, results = tiny_run(root, sentencepiece)
     export_stage(settings, StageCache(settings.results_dir / "stages"), ModelCache(settings), results)
     return settings, results, export_dir(settings.results_dir)
