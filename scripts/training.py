@@ -429,7 +429,7 @@ def check_padding_free(model, config: dict, run: str) -> None:
                         f"masking_utils, which separates the examples: leave {setting} out for this model")
     other = sorted(set(getattr(model.config, "layer_types", None) or ()) - _ATTENTION_LAYERS)
     if other:
-        raise UserError(f"{where}, and its {', '.join(other)} layers carry state from one example into the next: "
+        raise UserError(f"{where}, and its {', '.join(other)} layers pass state from one example into the next: "
                         f"leave {setting} out for this model")
     if attention in ("sdpa", "eager"):
         log.info("run %s: %s under %s attention: one block-diagonal mask over the whole row, so attention costs grow "

@@ -155,7 +155,7 @@ def test_padding_free_is_refused_where_examples_would_see_each_other(tmp_path, m
     model = tiny_qwen2(tokenizer, "sdpa")
     check_padding_free(model, on, "r")  # the supported case: nothing raised
     model.config.layer_types = ["full_attention", "linear_attention"]
-    with pytest.raises(UserError, match=r'"padding_free": true puts .* linear_attention layers carry state'):
+    with pytest.raises(UserError, match=r'"padding_free": true puts .* linear_attention layers pass state'):
         check_padding_free(model, on, "r")
     check_padding_free(model, config(), "r")  # padded batches: nothing to check
     with pytest.raises(UserError, match=r"NotMasked does not build its attention mask with transformers' masking_utils"):
