@@ -45,11 +45,12 @@ EXEC_ERROR = "exec_error"
 
 @dataclass
 class QueryResult:
-    """Rows of one query, or the error class and SQLite's message."""
+    """Rows of one query (and its column names), or the error class and SQLite's message."""
 
     rows: list[tuple] | None
     error: str = OK
     message: str = ""
+    columns: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -272,6 +273,7 @@ def run_query(
     try:
         cursor.execute(sql)
         rows = _fetch_capped(cursor, max_rows, max_total_bytes)
+        columns = tuple(d[0] for d in cursor.description or ())
     except OverflowError as exc:
         return QueryResult(None, TOO_LARGE, str(exc))
     except (sqlite3.ProgrammingError, sqlite3.Warning) as exc:  # "You can only execute one statement at a time."
@@ -281,7 +283,7 @@ def run_query(
         return QueryResult(None, classify_error(exc, guard, timed_out), str(exc))
     finally:
         cursor.close()
-    return QueryResult(rows)
+    return QueryResult(rows, columns=columns)
 
 
 _syntax_only = threading.local()  # an empty in-memory database per thread: names are unknown, grammar is checked

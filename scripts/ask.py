@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,25 +239,8 @@ def run_answer(question: str, text: str, sql: str, db: Path, timeout: float, vot
     if not result.ok:
         answer.error, answer.message = result.error, result.message
         return answer
-    answer.rows, answer.row_count = result.rows, len(result.rows)
-    answer.columns = column_names(db, sql, timeout)
+    answer.rows, answer.row_count, answer.columns = result.rows, len(result.rows), list(result.columns)
     return answer
-
-
-def column_names(db: Path, sql: str, timeout: float) -> list[str]:
-    """The result's column names, from the same read-only, guarded connection the executor uses."""
-    import sqlite3
-
-    from custom_metrics.safe_sqlite import open_read_only
-
-    conn, guard = open_read_only(db)
-    guard.deadline = time.monotonic() + timeout
-    try:
-        return [d[0] for d in conn.execute(sql).description or ()]
-    except sqlite3.Error:
-        return []
-    finally:
-        conn.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
