@@ -11,14 +11,13 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from scripts import distributed
 from scripts.answers import answer_row, build_prompts, extract_answers, extraction_counts, greedy_answers, score
 from scripts.databases import SpiderLayout
 from scripts.generation import Sampling
 from scripts.models import ModelCache
-from scripts.run_state import fingerprint
+from scripts.run_state import adapter_stamp, fingerprint
 from scripts.spider_data import missing_databases, sample_examples, set_fingerprint
 from scripts.store import Spool, data_fingerprint
 from scripts.voting import sample_candidates, sampling_config, vote_and_score, vote_sampling
@@ -181,12 +180,8 @@ def best_adapter(tuned: dict, eval_sets, on: str = "greedy") -> str | None:
 
 def _ex_key(settings, layout: SpiderLayout, examples, adapter) -> str:
     """What an EX result depends on: the model, the adapter's weights, the examples and their databases' content."""
-    adapter_stamp = None
-    if adapter:
-        weights = sorted(Path(adapter).glob("adapter_model*"))
-        adapter_stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]
     return fingerprint(
-        settings.base_model_id, adapter, adapter_stamp, set_fingerprint(examples, layout),
+        settings.base_model_id, adapter, adapter_stamp(adapter), set_fingerprint(examples, layout),
         settings.max_new_tokens, settings.schema_sample_rows, settings.sql_timeout_s, settings.quantization,
         settings.eval_precision,
     )

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from scripts import distributed
-from scripts.run_state import StageCache, fingerprint
+from scripts.run_state import StageCache, adapter_stamp, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,6 @@ def merge_precision(settings) -> tuple[str, str]:
     from scripts.models import choose_quantization, precision
 
     return choose_quantization(settings.quantization)[0], str(precision().dtype).replace("torch.", "")
-
-
-def adapter_stamp(adapter: str | Path) -> list:
-    """The adapter's weight files by name, size and modification time (a retrained adapter changes it)."""
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(adapter).glob("adapter_model*"))]
 
 
 def prompt_settings(settings) -> dict:

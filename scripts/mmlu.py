@@ -14,7 +14,6 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from scripts import distributed
 from scripts.auto_batch import AUTO, FIXED_SIZE, auto_batch, sorted_batches
@@ -30,6 +29,7 @@ from scripts.mmlu_scoring import (
     score_single_token,
     supports_prefix_cache,
 )
+from scripts.run_state import adapter_stamp, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -291,12 +291,11 @@ def check_data(settings) -> None:
 
 def mmlu_stage(stage: str, settings, cache, store, models, adapter: str | None = None) -> dict | None:
     """Stage 2 (base model) or 6 (best adapter): MMLU accuracy, answers in the store, resumable."""
-    from scripts.run_state import fingerprint
 
     if adapter is None and stage != "baseline_mmlu":
         log.info("%s: no adapter to evaluate; skipped", stage)
         return None
-    key = fingerprint(settings.base_model_id, adapter, _adapter_stamp(adapter), str(settings.path_mmlu),
+    key = fingerprint(settings.base_model_id, adapter, adapter_stamp(adapter), str(settings.path_mmlu),
                       settings.mmlu_per_subject, settings.seed, settings.mmlu_k_shot, settings.quantization,
                       settings.eval_precision)
     if stage not in settings.stages:
@@ -320,7 +319,7 @@ def _run_mmlu(stage: str, settings, store, models, adapter: str | None) -> dict 
         run_id = store.start_run(
             kind=stage, model=settings.base_model_id, adapter=adapter,
             config={"k_shot": settings.mmlu_k_shot, "per_subject": settings.mmlu_per_subject, "seed": settings.seed,
-                    "adapter_weights": _adapter_stamp(adapter)},  # a retrained adapter's answers are not the old ones
+                    "adapter_weights": adapter_stamp(adapter)},  # a retrained adapter's answers are not the old ones
             data_fingerprint=data_fingerprint([[q["subject"], q["index"], q["question"]] for q in questions]),
         )
         redo = getattr(settings, "force", False)  # --force scores every question again
@@ -358,11 +357,3 @@ def _run_mmlu(stage: str, settings, store, models, adapter: str | None) -> dict 
         rows=[{k: r[k] for k in ("subject", "index", "prediction", "answer", "correct")} for r in rows],
     )
     return summary
-
-
-def _adapter_stamp(adapter: str | None) -> list | None:
-    """Names, sizes and times of an adapter's weight files, so a retrained adapter is evaluated again."""
-    if not adapter:
-        return None
-    weights = sorted(Path(adapter).glob("adapter_model*"))
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]

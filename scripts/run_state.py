@@ -63,6 +63,13 @@ class StageCache:
         return distributed.broadcast(result)
 
 
+def adapter_stamp(adapter: str | Path | None) -> list | None:
+    """Names, sizes and times of an adapter's weight files (None without one), so a retrained adapter counts as new."""
+    if not adapter:
+        return None
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(adapter).glob("adapter_model*"))]
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (a temporary file, then a rename), so an interruption never leaves a half file."""
     tmp = path.with_suffix(".tmp")
